@@ -1,0 +1,241 @@
+"""Shared test helpers: a private CA on disk, tunnel YAML files, and small trio servers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tunnel import pki
+from tunnel.config import load_file
+from tunnel.tunnel import Tunnel, TunnelState
+
+
+@dataclass(frozen=True)
+class PKI:
+    """Certificates for tests: one CA with a server and clients, and a stranger CA."""
+
+    dir: Path
+    other: Path  # a second CA, nobody trusts it
+
+    def crt(self, name: str) -> Path:
+        return self.dir / f"{name}.crt"
+
+    def key(self, name: str) -> Path:
+        return self.dir / f"{name}.key"
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def fingerprint(self, name: str) -> str:
+        cert = x509.load_pem_x509_certificate(self.crt(name).read_bytes())
+        return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    def client_context(self, name: str, *, ca: Path | None = None) -> ssl.SSLContext:
+        """A plain stdlib client context presenting `name` (from this CA or `other`)."""
+        ctx = ssl.create_default_context(cafile=str(ca or self.ca))
+        if name:
+            base = self.other if name.startswith("other-") else self.dir
+            ctx.load_cert_chain(base / f"{name}.crt", base / f"{name}.key")
+        return ctx
+
+
+def make_pki(root: Path) -> PKI:
+    ca_dir = root / "ca"
+    pki.init_ca(ca_dir, name="test CA")
+    pki.issue(ca_dir, "server", kind="server", dns=["localhost"], ips=["127.0.0.1", "::1"])
+    pki.issue(ca_dir, "app1", kind="client")
+    pki.issue(ca_dir, "app2", kind="client", ou="payments", uris=["spiffe://example.org/app2"])
+    pki.issue(ca_dir, "stranger", kind="client")
+    _issue_expired(ca_dir, "expired")
+    other = root / "other"
+    pki.init_ca(other, name="other CA")
+    pki.issue(other, "other-app1", kind="client")
+    pki.issue(other, "other-server", kind="server", dns=["localhost"], ips=["127.0.0.1"])
+    return PKI(dir=ca_dir, other=other)
+
+
+def _issue_expired(ca_dir: Path, name: str) -> None:
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=30))
+        .not_valid_after(now - dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    (ca_dir / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (ca_dir / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def write_yaml(path: Path, document: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def server_doc(p: PKI, target: str, *, listen: str = "127.0.0.1:0", **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "mode": "server",
+        "listen": listen,
+        "target": target,
+        "tls": {"cert": str(p.crt("server")), "key": str(p.key("server")), "ca": str(p.ca)},
+        "allow": {"cn": ["app1"], "ou": ["payments"]},
+        "limits": {"handshake_timeout": "2s", "connect_timeout": "2s"},
+    }
+    doc.update(extra)
+    return doc
+
+
+def client_doc(
+    p: PKI, target: str, *, name: str = "app1", listen: str = "127.0.0.1:0", **extra: Any
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "mode": "client",
+        "listen": listen,
+        "target": target,
+        "tls": {
+            "cert": str(p.crt(name)),
+            "key": str(p.key(name)),
+            "ca": str(p.ca),
+            "server_name": "localhost",
+        },
+        "limits": {"handshake_timeout": "2s", "connect_timeout": "2s"},
+    }
+    doc.update(extra)
+    return doc
+
+
+def hostport(address: Any) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@asynccontextmanager
+async def running_tunnel(path: Path) -> AsyncIterator[tuple[Tunnel, str]]:
+    """Run one tunnel from a YAML file in this trio run; yields it and its HOST:PORT."""
+    tunnel = Tunnel(TunnelState.build(load_file(path)))
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(tunnel.serve)
+        yield tunnel, hostport(address) if isinstance(address, tuple) else f"unix:{address}"
+        tunnel.abort()
+
+
+@dataclass
+class Backend:
+    """A TCP server on 127.0.0.1 that counts connections and runs a handler for each."""
+
+    port: int = 0
+    accepted: int = 0
+    received: list[bytes] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+Handler = Callable[[trio.SocketStream, Backend], Awaitable[None]]
+
+
+@asynccontextmanager
+async def backend(handler: Handler) -> AsyncIterator[Backend]:
+    state = Backend()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    state.port = listeners[0].socket.getsockname()[1]
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        state.accepted += 1
+        try:
+            await handler(stream, state)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, serve_one, listeners)
+        yield state
+        nursery.cancel_scope.cancel()
+
+
+async def echo(stream: trio.SocketStream, state: Backend) -> None:
+    """Echo until EOF, then half-close back."""
+    async for data in stream:
+        await stream.send_all(data)
+    await stream.send_eof()
+
+
+async def hash_then_reply(stream: trio.SocketStream, state: Backend) -> None:
+    """Read to EOF, then send back the sha256 of what arrived: needs half-close to work."""
+    digest = hashlib.sha256()
+    async for data in stream:
+        digest.update(data)
+    await stream.send_all(digest.hexdigest().encode())
+    await stream.send_eof()
+
+
+async def speak_first(stream: trio.SocketStream, state: Backend) -> None:
+    """Like MySQL: greet before the client says anything, then echo."""
+    await stream.send_all(b"hello from the target\n")
+    await echo(stream, state)
+
+
+async def recv_all(stream: trio.abc.ReceiveStream) -> bytes:
+    chunks = []
+    async for data in stream:
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+async def tls_connect(
+    p: PKI, address: str, name: str, *, server_hostname: str = "localhost", ca: Path | None = None
+) -> trio.SSLStream[trio.SocketStream]:
+    """A TLS client made with trio.SSLStream (independent of the tunnel's own TLS code)."""
+    host, _, port = address.rpartition(":")
+    tcp = await trio.open_tcp_stream(host.strip("[]"), int(port))
+    stream = trio.SSLStream(tcp, p.client_context(name, ca=ca), server_hostname=server_hostname)
+    await stream.do_handshake()
+    return stream
+
+
+async def tcp_connect(address: str) -> trio.SocketStream:
+    host, _, port = address.rpartition(":")
+    return await trio.open_tcp_stream(host.strip("[]"), int(port))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -1,0 +1,159 @@
+"""Click commands: parse, call, map errors to exit codes. No logic."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tunnel import __version__, pki
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # bad usage or bad configuration
+
+# User-facing error types reported as "error: <message>" with EXIT_USAGE.
+# Add new ones here (e.g. a config error) rather than catching them in each command.
+USAGE_ERRORS: tuple[type[Exception], ...] = (pki.PKIError,)
+
+
+@contextlib.contextmanager
+def _exit_codes() -> Iterator[None]:
+    """Report USAGE_ERRORS as "error: ..." on stderr and exit 2; OSError likewise with exit 1.
+
+    Anything else propagates (a traceback and exit 1): that is a bug.
+    Usable as a context manager or as a decorator; ``main`` already wraps every command in it.
+    """
+    try:
+        yield
+    except USAGE_ERRORS as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_USAGE) from None
+    except OSError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_FAILURE) from None
+
+
+class _Group(click.Group):
+    """A group whose subcommands all run inside ``_exit_codes()``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _exit_codes():
+            return super().invoke(ctx)
+
+
+_dir_option = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("certs"),
+    show_default=True,
+    help="CA directory.",
+)
+_days = click.IntRange(min=1)
+_key_types = click.Choice(pki.KEY_TYPES)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="tunnel")
+def main() -> None:
+    """Mutual-TLS tunnel daemon with its own private CA."""
+
+
+@main.group()
+def ca() -> None:
+    """Manage the private CA: init, issue, revoke, list, show."""
+
+
+@ca.command("init")
+@_dir_option
+@click.option("--name", default="tunnel private CA", show_default=True, help="CA common name.")
+@click.option("--days", type=_days, default=3650, show_default=True, help="CA validity.")
+@click.option("--key-type", type=_key_types, default="ec", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing CA key and certificate.")
+def ca_init(directory: Path, name: str, days: int, key_type: str, force: bool) -> None:
+    """Create the CA key, self-signed certificate and an empty CRL."""
+    pki.init_ca(directory, name=name, days=days, key_type=key_type, force=force)
+    written = ", ".join(str(directory / f) for f in (pki.CA_CRT, pki.CA_KEY, pki.CRL_FILE))
+    click.echo(f"wrote {written}")
+
+
+@ca.command("issue")
+@_dir_option
+@click.argument("name")
+@click.option("--server", is_flag=True, help="Issue a server certificate (serverAuth).")
+@click.option("--client", is_flag=True, help="Issue a client certificate (clientAuth).")
+@click.option("--dns", multiple=True, metavar="NAME", help="DNS subjectAltName (repeatable).")
+@click.option("--ip", multiple=True, metavar="ADDR", help="IP subjectAltName (repeatable).")
+@click.option("--uri", multiple=True, metavar="URI", help="URI subjectAltName (repeatable).")
+@click.option("--ou", help="Organizational unit in the subject.")
+@click.option("--days", type=_days, default=365, show_default=True, help="Validity.")
+@click.option("--key-type", type=_key_types, help="Key type (default: the CA's).")
+@click.option("--force", is_flag=True, help="Replace an existing NAME.key and NAME.crt.")
+def ca_issue(
+    directory: Path,
+    name: str,
+    server: bool,
+    client: bool,
+    dns: Sequence[str],
+    ip: Sequence[str],
+    uri: Sequence[str],
+    ou: str | None,
+    days: int,
+    key_type: str | None,
+    force: bool,
+) -> None:
+    """Issue NAME.crt and NAME.key signed by the CA."""
+    if server == client:
+        raise click.UsageError("exactly one of --server or --client is required")
+    crt, key = pki.issue(
+        directory,
+        name,
+        kind="server" if server else "client",
+        dns=dns,
+        ips=ip,
+        uris=uri,
+        ou=ou,
+        days=days,
+        force=force,
+        key_type=key_type,
+    )
+    click.echo(f"wrote {crt} and {key}")
+
+
+@ca.command("revoke")
+@_dir_option
+@click.argument("name")
+def ca_revoke(directory: Path, name: str) -> None:
+    """Revoke NAME.crt and re-sign the CRL."""
+    serial = pki.revoke(directory, name)
+    click.echo(f"revoked {name} (serial {serial:x}); wrote {directory / pki.CRL_FILE}")
+
+
+@ca.command("list")
+@_dir_option
+def ca_list(directory: Path) -> None:
+    """List issued certificates."""
+    issued = pki.list_issued(directory)
+    if not issued:
+        click.echo(f"no certificates issued in {directory}")
+        return
+    rows = [("NAME", "KIND", "SERIAL", "EXPIRES", "STATUS")]
+    rows += [(c.name, c.kind, f"{c.serial:x}", f"{c.not_after:%Y-%m-%d}", c.status()) for c in issued]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@ca.command("show")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def ca_show(file: Path) -> None:
+    """Describe a PEM certificate or CRL."""
+    click.echo(pki.describe(file))
+
+
+if __name__ == "__main__":
+    main(prog_name="tunnel")

@@ -1,0 +1,409 @@
+"""Tunnel YAML files → frozen, typed configuration; every error names the file and key path."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tunnel.identity import AllowRule
+
+Mode = Literal["server", "client"]
+
+
+class ConfigError(Exception):
+    """A configuration file is wrong: which file, which key, and what is wrong with it."""
+
+    def __init__(self, file: Path | str, key: str, message: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.message = message
+        where = f"{self.file}: {key}: " if key else f"{self.file}: "
+        super().__init__(where + message)
+
+
+@dataclass(frozen=True)
+class Address:
+    """A TCP host and port, or a unix socket path."""
+
+    host: str = ""
+    port: int = 0
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+    ca: Path
+    crl: Path | None = None
+    server_name: str | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True)
+class Limits:
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    idle_timeout: float | None = 3600.0  # None: never
+    max_connections: int = 1024
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    name: str
+    mode: Mode
+    listen: Address
+    targets: tuple[Address, ...]
+    tls: TLSConfig
+    source: Path
+    allow: AllowRule | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+TOP_KEYS = {
+    "name",
+    "mode",
+    "listen",
+    "target",
+    "tls",
+    "allow",
+    "limits",
+    "status",
+    "proxy_protocol",
+}
+TLS_KEYS = {"cert", "key", "ca", "crl", "server_name", "min_version"}
+ALLOW_KEYS = {"cn", "dns", "uri", "ou", "fingerprint", "any"}
+LIMIT_KEYS = {
+    "handshake_timeout",
+    "connect_timeout",
+    "idle_timeout",
+    "max_connections",
+    "drain_timeout",
+}
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """`500ms`, `10s`, `5m`, `1h` or a number of seconds → seconds. ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 10s, 5m, 1h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2)]
+    raise ValueError(f"expected a duration such as 500ms, 10s, 5m, 1h, not {value!r}")
+
+
+def parse_address(value: object) -> Address:
+    """`HOST:PORT`, `[V6]:PORT` or `unix:/path` → Address. ValueError otherwise."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected HOST:PORT, [IPV6]:PORT or unix:/path, not {value!r}")
+    text = value.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ValueError("unix: needs a socket path")
+        return Address(path=path)
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [IPV6]:PORT, not {text!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected HOST:PORT, not {text!r}")
+        if ":" in host:
+            raise ValueError(f"write an IPv6 address in brackets: [{host}]:{port_text}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, not {port_text!r}")
+    return Address(host=host, port=int(port_text))
+
+
+class _Reader:
+    """Walks one YAML document, naming the key path in every error."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.base = file.parent
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.file, key, message)
+
+    def mapping(self, value: object, key: str, allowed: set[str]) -> Mapping[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a mapping, got {_kind(value)}")
+        for name in value:
+            if not isinstance(name, str):
+                raise self.error(key or "(top level)", f"keys must be strings, got {name!r}")
+            if name not in allowed:
+                where = f"{key}.{name}" if key else name
+                raise self.error(where, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+        return value
+
+    def string(self, value: object, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, f"expected a non-empty string, got {_kind(value)}")
+        return value.strip()
+
+    def strings(self, value: object, key: str) -> frozenset[str]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list of strings, got {_kind(value)}")
+        return frozenset(self.string(item, f"{key}[{i}]") for i, item in enumerate(value))
+
+    def file_path(self, value: object, key: str) -> Path:
+        path = self.base / Path(os.path.expanduser(self.string(value, key)))
+        if not path.exists():
+            raise self.error(key, f"file not found: {path}")
+        if not path.is_file():
+            raise self.error(key, f"not a regular file: {path}")
+        if not os.access(path, os.R_OK):
+            raise self.error(key, f"file not readable: {path}")
+        return path
+
+    def address(self, value: object, key: str) -> Address:
+        try:
+            return parse_address(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+
+    def duration(self, value: object, key: str) -> float:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+def load_file(path: Path) -> TunnelConfig:
+    """Read and validate one tunnel file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, "", f"cannot read: {exc}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, "", f"not valid YAML: {_yaml_problem(exc)}") from None
+    return parse_document(document, path)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(problem)
+
+
+def parse_document(document: object, path: Path) -> TunnelConfig:
+    """Validate an already-parsed YAML document that came from `path`."""
+    r = _Reader(path)
+    if document is None:
+        raise r.error("", "the file is empty")
+    top = r.mapping(document, "", TOP_KEYS)
+    for key in ("status", "proxy_protocol"):
+        if key in top:
+            raise r.error(key, "not supported by this version of tunnel yet")
+
+    name = r.string(top.get("name", path.stem), "name")
+    if not NAME_PATTERN.match(name):
+        raise r.error("name", f"{name!r}: use letters, digits, '.', '_' and '-'")
+    if "mode" not in top:
+        raise r.error("mode", "required: server or client")
+    mode = top["mode"]
+    if mode not in ("server", "client"):
+        raise r.error("mode", f"expected server or client, not {mode!r}")
+
+    if "listen" not in top:
+        raise r.error("listen", "required: HOST:PORT, [IPV6]:PORT or unix:/path")
+    listen = r.address(top["listen"], "listen")
+
+    if "target" not in top:
+        raise r.error("target", "required: HOST:PORT or unix:/path, or a list of them")
+    raw_targets = top["target"]
+    if isinstance(raw_targets, list):
+        if not raw_targets:
+            raise r.error("target", "the list is empty")
+        targets = tuple(r.address(t, f"target[{i}]") for i, t in enumerate(raw_targets))
+    else:
+        targets = (r.address(raw_targets, "target"),)
+    for i, target in enumerate(targets):
+        if not target.is_unix and target.port == 0:
+            raise r.error("target" if len(targets) == 1 else f"target[{i}]", "port 0 is not a target")
+
+    if "tls" not in top:
+        raise r.error("tls", "required: cert, key and ca")
+    tls = _parse_tls(r, top["tls"], mode, targets)
+
+    allow: AllowRule | None = None
+    if mode == "server":
+        if "allow" not in top:
+            raise r.error(
+                "allow",
+                "required in server mode: say who may connect (cn, dns, uri, "
+                "ou, fingerprint), or write any: true to admit every certificate the "
+                "CA signed",
+            )
+        allow = _parse_allow(r, top["allow"])
+    elif "allow" in top:
+        raise r.error("allow", "only for server mode (a client tunnel checks tls.server_name)")
+
+    limits = _parse_limits(r, top.get("limits", {}))
+    return TunnelConfig(
+        name=name,
+        mode=mode,
+        listen=listen,
+        targets=targets,
+        tls=tls,
+        source=path,
+        allow=allow,
+        limits=limits,
+    )
+
+
+def _parse_tls(r: _Reader, value: object, mode: str, targets: tuple[Address, ...]) -> TLSConfig:
+    tls = r.mapping(value, "tls", TLS_KEYS)
+    for key in ("cert", "key", "ca"):
+        if key not in tls:
+            raise r.error(f"tls.{key}", "required")
+    crl = r.file_path(tls["crl"], "tls.crl") if tls.get("crl") is not None else None
+    min_version = str(tls.get("min_version", "1.2"))
+    if min_version not in ("1.2", "1.3"):
+        raise r.error("tls.min_version", f'expected "1.2" or "1.3", not {tls["min_version"]!r}')
+    server_name: str | None = None
+    if "server_name" in tls:
+        if mode != "client":
+            raise r.error("tls.server_name", "only for client mode")
+        server_name = r.string(tls["server_name"], "tls.server_name")
+    elif mode == "client":
+        if targets[0].is_unix:
+            raise r.error("tls.server_name", "required when the target is a unix socket")
+        server_name = targets[0].host
+    return TLSConfig(
+        cert=r.file_path(tls["cert"], "tls.cert"),
+        key=r.file_path(tls["key"], "tls.key"),
+        ca=r.file_path(tls["ca"], "tls.ca"),
+        crl=crl,
+        server_name=server_name,
+        min_version="1.3" if min_version == "1.3" else "1.2",
+    )
+
+
+def _parse_allow(r: _Reader, value: object) -> AllowRule:
+    allow = r.mapping(value, "allow", ALLOW_KEYS)
+    any_value = allow.get("any", False)
+    if not isinstance(any_value, bool):
+        raise r.error("allow.any", f"expected true or false, got {_kind(any_value)}")
+    lists = {
+        key: r.strings(allow[key], f"allow.{key}") if allow.get(key) is not None else frozenset()
+        for key in ("cn", "dns", "uri", "ou", "fingerprint")
+    }
+    for i, fp in enumerate(sorted(lists["fingerprint"])):
+        normalized = fp.replace(":", "").lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", normalized):
+            raise r.error(f"allow.fingerprint[{i}]", f"{fp!r} is not a SHA-256 hex fingerprint")
+    if not any_value and not any(lists.values()):
+        raise r.error("allow", "admits nobody: list cn, dns, uri, ou or fingerprint, or write any: true")
+    return AllowRule(any=any_value, **lists)
+
+
+def _parse_limits(r: _Reader, value: object) -> Limits:
+    limits = r.mapping(value if value is not None else {}, "limits", LIMIT_KEYS)
+    defaults = Limits()
+    durations: dict[str, float] = {}
+    for key in ("handshake_timeout", "connect_timeout", "drain_timeout", "idle_timeout"):
+        if key in limits:
+            durations[key] = r.duration(limits[key], f"limits.{key}")
+            if key != "idle_timeout" and durations[key] <= 0:
+                raise r.error(f"limits.{key}", "must be more than zero")
+    max_connections = limits.get("max_connections", defaults.max_connections)
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise r.error("limits.max_connections", f"expected a whole number, got {_kind(max_connections)}")
+    if max_connections < 1:
+        raise r.error("limits.max_connections", "must be at least 1")
+    idle = durations.get("idle_timeout", defaults.idle_timeout)
+    return Limits(
+        handshake_timeout=durations.get("handshake_timeout", defaults.handshake_timeout),
+        connect_timeout=durations.get("connect_timeout", defaults.connect_timeout),
+        idle_timeout=None if idle == 0 else idle,
+        max_connections=max_connections,
+        drain_timeout=durations.get("drain_timeout", defaults.drain_timeout),
+    )
+
+
+def find_files(paths: Iterable[Path]) -> list[Path]:
+    """Expand PATH arguments: a file is itself, a directory is its *.yaml and *.yml files."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+            if not found:
+                raise ConfigError(path, "", "no *.yaml files in this directory")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise ConfigError(path, "", "file not found")
+    return files
+
+
+def load_paths(paths: Iterable[Path]) -> list[TunnelConfig]:
+    """Load every tunnel file named (directly or through a directory); names and listen
+    addresses must be unique across them."""
+    configs = [load_file(p) for p in find_files(paths)]
+    seen_names: dict[str, Path] = {}
+    seen_listen: dict[Address, Path] = {}
+    for config in configs:
+        if config.name in seen_names:
+            raise ConfigError(
+                config.source, "name", f"{config.name!r} is also the name in {seen_names[config.name]}"
+            )
+        seen_names[config.name] = config.source
+        if config.listen in seen_listen and (config.listen.is_unix or config.listen.port != 0):
+            raise ConfigError(
+                config.source,
+                "listen",
+                f"{config.listen} is also the listen address in {seen_listen[config.listen]}",
+            )
+        seen_listen[config.listen] = config.source
+    return configs

@@ -1,0 +1,132 @@
+"""Who a peer certificate names, and whether an allow rule admits it.
+
+Pure functions over `cryptography` certificates: no sockets, no trio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a certificate says about its holder, in the terms `allow:` uses."""
+
+    cn: str | None
+    dns: tuple[str, ...]
+    uri: tuple[str, ...]
+    ip: tuple[str, ...]
+    ou: tuple[str, ...]
+    fingerprint: str  # sha256 of the DER certificate, lowercase hex, no colons
+    serial: int
+    not_after: datetime
+
+    def describe(self) -> str:
+        """A short label for log lines: the CN if there is one, else a SAN, else the hash."""
+        if self.cn:
+            return f"cn={self.cn}"
+        if self.uri:
+            return f"uri={self.uri[0]}"
+        if self.dns:
+            return f"dns={self.dns[0]}"
+        return f"fingerprint={self.fingerprint[:16]}"
+
+
+def normalize_fingerprint(text: str) -> str:
+    """`AB:CD:..` or `abcd..` → `abcd..`; used for both config values and certificates."""
+    return text.replace(":", "").strip().lower()
+
+
+def identity_from_der(der: bytes) -> Identity:
+    """Read the identity out of a DER certificate."""
+    cert = x509.load_der_x509_certificate(der)
+    return identity_from_certificate(cert, der)
+
+
+def identity_from_certificate(cert: x509.Certificate, der: bytes | None = None) -> Identity:
+    """Read the identity out of a parsed certificate."""
+    if der is None:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        der = cert.public_bytes(Encoding.DER)
+    cns = _attribute_strings(cert.subject, NameOID.COMMON_NAME)
+    ous = _attribute_strings(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
+    dns: list[str] = []
+    uri: list[str] = []
+    ip: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        dns = [str(v) for v in san.get_values_for_type(x509.DNSName)]
+        uri = [str(v) for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
+        ip = [str(v) for v in san.get_values_for_type(x509.IPAddress)]
+    return Identity(
+        cn=cns[0] if cns else None,
+        dns=tuple(dns),
+        uri=tuple(uri),
+        ip=tuple(ip),
+        ou=tuple(ous),
+        fingerprint=hashlib.sha256(der).hexdigest(),
+        serial=cert.serial_number,
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def _attribute_strings(name: x509.Name, oid: x509.ObjectIdentifier) -> list[str]:
+    values = []
+    for attribute in name.get_attributes_for_oid(oid):
+        value = attribute.value
+        values.append(value.decode("utf-8", "replace") if isinstance(value, bytes) else value)
+    return values
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """Server-mode access list: any one match admits. Empty means nobody, unless `any`."""
+
+    cn: frozenset[str] = field(default_factory=frozenset)
+    dns: frozenset[str] = field(default_factory=frozenset)
+    uri: frozenset[str] = field(default_factory=frozenset)
+    ou: frozenset[str] = field(default_factory=frozenset)
+    fingerprint: frozenset[str] = field(default_factory=frozenset)
+    any: bool = False
+
+    def __post_init__(self) -> None:
+        normalized = frozenset(normalize_fingerprint(f) for f in self.fingerprint)
+        object.__setattr__(self, "fingerprint", normalized)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of checking an identity against an allow rule, with the reason why."""
+
+    allowed: bool
+    reason: str
+
+
+def decide(identity: Identity, rule: AllowRule) -> Decision:
+    """Admit the identity if any one of the rule's lists matches it."""
+    if rule.any:
+        return Decision(True, "allow.any")
+    if identity.cn is not None and identity.cn in rule.cn:
+        return Decision(True, f"allow.cn matched {identity.cn}")
+    for dns in identity.dns:
+        if dns in rule.dns:
+            return Decision(True, f"allow.dns matched {dns}")
+    for uri in identity.uri:
+        if uri in rule.uri:
+            return Decision(True, f"allow.uri matched {uri}")
+    for ou in identity.ou:
+        if ou in rule.ou:
+            return Decision(True, f"allow.ou matched {ou}")
+    if identity.fingerprint in rule.fingerprint:
+        return Decision(True, "allow.fingerprint matched")
+    used = [f"allow.{key}" for key in ("cn", "dns", "uri", "ou", "fingerprint") if getattr(rule, key)]
+    return Decision(False, "not allowed: matches none of " + (", ".join(used) or "an empty allow"))

@@ -1,0 +1,317 @@
+"""The two kinds of byte stream a tunnel relays between: plain sockets and TLS, both
+half-closeable, both driven by trio over non-blocking stdlib sockets.
+
+Theory of operation
+-------------------
+`trio.SSLStream` cannot half-close (it has no `send_eof`), and its reads hand back one
+16 KiB TLS record per trip through the event loop. This module drives OpenSSL through a
+pair of `ssl.MemoryBIO`s over a plain non-blocking socket instead:
+
+* Receiving: one `recv` of up to 256 KiB of ciphertext goes into the incoming BIO, then
+  `SSLObject.read` is called until OpenSSL wants more, so one call returns every byte that
+  is already decryptable (many records), and the relay writes them out in one go.
+* Sending: `SSLObject.write` encrypts the whole chunk into the outgoing BIO (it never
+  blocks), and the ciphertext is written to the socket. Only one task writes to the
+  socket at a time (a reading task may need to, for a TLS 1.3 KeyUpdate reply), so the
+  records leave in the order OpenSSL produced them.
+* Half-close: `send_eof` sends a TLS close_notify while the other direction keeps
+  flowing. The stdlib only offers `unwrap()`, which calls `SSL_shutdown` twice; the
+  second call tries to read the peer's close_notify and would consume application data
+  if any complete record were waiting. So before unwrapping, every complete record in
+  the incoming BIO is decrypted into an overflow buffer that the next receive returns
+  first; with the BIO empty, the second `SSL_shutdown` can only report "want read".
+  Reading keeps working after our close_notify (OpenSSL only forbids further writes).
+* EOF: a close_notify from the peer is a clean EOF; a TCP close without one is an EOF
+  too, flagged `unclean_eof` so the log can say so. A reset is `StreamBroken`.
+
+Plain sockets are the same shape: `receive_some` (b"" is EOF), `send_all`, `send_eof`
+(shutdown SHUT_WR), `close`. Each stream checkpoints at least every few operations, so a
+fast peer cannot starve the other tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import struct
+
+import trio
+
+RECEIVE_SIZE = 256 * 1024
+_CHECKPOINT_EVERY = 8
+# Scratch buffers: filled and copied out with no await in between, so one per process.
+_CIPHER_SCRATCH = bytearray(RECEIVE_SIZE)
+_CIPHER_VIEW = memoryview(_CIPHER_SCRATCH)
+_PLAIN_SCRATCH = bytearray(RECEIVE_SIZE)
+_PLAIN_VIEW = memoryview(_PLAIN_SCRATCH)
+
+
+class StreamBroken(Exception):
+    """The peer or the network broke the stream (reset, TLS error). Carries the cause."""
+
+
+class _SocketIO:
+    """Non-blocking socket I/O with trio waits; the base of both stream kinds."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._closed = False
+        self._ready_streak = 0
+
+    async def _fairness(self) -> None:
+        self._ready_streak += 1
+        if self._ready_streak >= _CHECKPOINT_EVERY:
+            self._ready_streak = 0
+            await trio.lowlevel.checkpoint()
+
+    async def _recv_into(self, view: memoryview) -> int:
+        # Checkpoint before reading, never between the read and the caller's copy: the
+        # view may be a process-wide scratch buffer.
+        await self._fairness()
+        while True:
+            try:
+                n = self.sock.recv_into(view)
+            except BlockingIOError:
+                self._ready_streak = 0
+                await trio.lowlevel.wait_readable(self.sock)
+                continue
+            except OSError as exc:
+                raise StreamBroken(_os_reason(exc)) from exc
+            return n
+
+    async def _send_raw(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = self.sock.send(view)
+            except BlockingIOError:
+                self._ready_streak = 0
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            except OSError as exc:
+                raise StreamBroken(_os_reason(exc)) from exc
+            view = view[n:]
+        await self._fairness()
+
+    def close(self) -> None:
+        """Close at once (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+    def abort(self) -> None:
+        """Close with a TCP reset, so the peer cannot mistake it for a normal end."""
+        if not self._closed:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close()
+
+
+class PlainStream(_SocketIO):
+    """A TCP or unix socket carrying plaintext."""
+
+    unclean_eof = False
+
+    async def receive_some(self, max_bytes: int = RECEIVE_SIZE) -> bytes:
+        view = _PLAIN_VIEW[: min(max_bytes, RECEIVE_SIZE)]
+        n = await self._recv_into(view)
+        return bytes(view[:n])
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._send_raw(data)
+
+    async def send_eof(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise StreamBroken(_os_reason(exc)) from exc
+
+
+class TLSStream(_SocketIO):
+    """TLS over a socket through memory BIOs, with half-close. See the module docstring."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+    ) -> None:
+        super().__init__(sock)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        self._overflow = bytearray()
+        self._eof_received = False
+        self._eof_sent = False
+        self._sending = False
+        self._send_done = trio.lowlevel.ParkingLot()
+        self.unclean_eof = False
+
+    # -- handshake -----------------------------------------------------------------
+
+    async def do_handshake(self) -> None:
+        """Complete the handshake. ssl.SSLError on failure (after sending OpenSSL's alert)."""
+        while True:
+            try:
+                self.ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    self._incoming.write_eof()
+                continue
+            except ssl.SSLError:
+                await self._flush_alert()
+                raise
+            await self._flush()
+            return
+
+    async def _flush_alert(self) -> None:
+        """Best effort: deliver the alert OpenSSL queued for a failed handshake."""
+        with trio.move_on_after(1):
+            with contextlib.suppress(StreamBroken):
+                await self._flush()
+
+    def peer_certificate(self) -> bytes | None:
+        return self.ssl.getpeercert(binary_form=True)
+
+    def version(self) -> str:
+        return self.ssl.version() or "?"
+
+    # -- receiving -----------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int = RECEIVE_SIZE) -> bytes:
+        """Every plaintext byte already decryptable (up to max_bytes); b"" at EOF."""
+        if self._overflow:
+            data = bytes(self._overflow[:max_bytes])
+            del self._overflow[:max_bytes]
+            return data
+        if self._eof_received:
+            return b""
+        limit = min(max_bytes, RECEIVE_SIZE)
+        total = 0
+        while True:
+            try:
+                n = _read_into(self.ssl, _PLAIN_VIEW[total:limit])
+            except ssl.SSLWantReadError:
+                if total:
+                    break
+                if self._outgoing.pending:
+                    await self._flush()
+                if not await self._fill():
+                    self._incoming.write_eof()
+                continue
+            except ssl.SSLZeroReturnError:
+                n = 0
+            except ssl.SSLEOFError:
+                self.unclean_eof = True
+                n = 0
+            except ssl.SSLError as exc:
+                raise StreamBroken(_ssl_reason(exc)) from exc
+            if n == 0:
+                self._eof_received = True
+                break
+            total += n
+            if total >= limit:
+                break
+        data = bytes(_PLAIN_VIEW[:total])
+        if self._outgoing.pending:
+            await self._flush()
+        return data
+
+    async def _fill(self) -> bool:
+        """Move one socket read of ciphertext into the incoming BIO; False at TCP EOF."""
+        n = await self._recv_into(_CIPHER_VIEW)
+        if n == 0:
+            return False
+        self._incoming.write(_CIPHER_VIEW[:n])
+        return True
+
+    # -- sending -------------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof was already called")
+        if not data:
+            return
+        try:
+            self.ssl.write(data)
+        except ssl.SSLError as exc:
+            raise StreamBroken(_ssl_reason(exc)) from exc
+        await self._flush()
+
+    async def send_eof(self) -> None:
+        """Send close_notify; receiving goes on."""
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        self._decrypt_waiting_records()
+        try:
+            self.ssl.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass  # close_notify is queued; the peer's may come later
+        except ssl.SSLError as exc:
+            raise StreamBroken(_ssl_reason(exc)) from exc
+        await self._flush()
+
+    def _decrypt_waiting_records(self) -> None:
+        """Empty the incoming BIO into the overflow buffer (see the module docstring)."""
+        while self._incoming.pending and not self._eof_received:
+            try:
+                chunk = self.ssl.read(RECEIVE_SIZE)
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLEOFError:
+                self.unclean_eof = True
+                chunk = b""
+            except ssl.SSLZeroReturnError:
+                chunk = b""
+            except ssl.SSLError:
+                return  # the next receive will meet the same error and report it
+            if not chunk:
+                self._eof_received = True
+                return
+            self._overflow += chunk
+
+    async def _flush(self) -> None:
+        """Write everything in the outgoing BIO to the socket, one writer at a time."""
+        while self._sending:
+            await self._send_done.park()
+        if not self._outgoing.pending:
+            return
+        self._sending = True
+        try:
+            while self._outgoing.pending:
+                await self._send_raw(self._outgoing.read())
+        finally:
+            self._sending = False
+            self._send_done.unpark_all()
+
+
+def _read_into(obj: ssl.SSLObject, view: memoryview) -> int:
+    # typeshed says read() returns bytes; with a buffer it returns the count read into it.
+    count: int = obj.read(len(view), view)  # type: ignore[assignment]
+    return count
+
+
+def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, BrokenPipeError):
+        return "broken pipe"
+    return exc.strerror or str(exc)
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    if exc.reason:
+        return "TLS error: " + str(exc.reason).replace("_", " ").lower()
+    return f"TLS error: {exc}"
+
+
+Stream = PlainStream | TLSStream

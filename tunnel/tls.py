@@ -1,0 +1,138 @@
+"""Tunnel configuration → `ssl.SSLContext` for each side, with one TLS policy for all.
+
+The policy: TLS 1.2 or 1.3 only; for TLS 1.2 only forward-secret AEAD suites (Mozilla's
+"intermediate" list); no compression, no renegotiation; the tunnel's own CA as the only
+trust anchor (never the system store); a CRL enforced on the leaf when one is configured.
+"""
+
+from __future__ import annotations
+
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from tunnel.config import ConfigError, TLSConfig, TunnelConfig
+
+# Mozilla "intermediate" TLS 1.2 suites (TLS 1.3 suites are all AEAD and always on).
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def build_context(config: TunnelConfig) -> ssl.SSLContext:
+    """The context for the TLS side of a tunnel: accepting (server) or dialling (client)."""
+    server_side = config.mode == "server"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    tls = config.tls
+    ctx.minimum_version = _VERSIONS[tls.min_version]
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if server_side:
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    _load_identity(ctx, config.source, tls)
+    _load_trust(ctx, config.source, tls)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if not server_side:
+        ctx.check_hostname = True
+    return ctx
+
+
+def _load_identity(ctx: ssl.SSLContext, source: Path, tls: TLSConfig) -> None:
+    try:
+        ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise ConfigError(source, "tls.key", f"{tls.key} does not match {tls.cert}") from None
+        raise ConfigError(
+            source, "tls.cert", f"cannot load {tls.cert} with key {tls.key}: {_reason(exc)}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(source, "tls.cert", f"cannot read: {exc}") from None
+
+
+def _load_trust(ctx: ssl.SSLContext, source: Path, tls: TLSConfig) -> None:
+    try:
+        ctx.load_verify_locations(cafile=str(tls.ca))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(source, "tls.ca", f"no CA certificate in {tls.ca}: {_reason(exc)}") from None
+    if tls.crl is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(tls.crl))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(source, "tls.crl", f"cannot load {tls.crl}: {_reason(exc)}") from None
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).replace("_", " ").lower()
+    return str(exc)
+
+
+def check_certificates(config: TunnelConfig, *, now: datetime | None = None) -> list[str]:
+    """What `tunnel check` adds to building the context: the certificate chains to the
+    tunnel's CA and is in date. ConfigError when it does not; warnings when it expires
+    within EXPIRY_WARNING."""
+    now = now or datetime.now(UTC)
+    tls = config.tls
+    cert = _load_certificate(config.source, "tls.cert", tls.cert)
+    cas = _load_certificates(config.source, "tls.ca", tls.ca)
+    if not any(_issued_by(cert, ca) for ca in cas):
+        raise ConfigError(config.source, "tls.cert", f"{tls.cert} is not signed by the CA in {tls.ca}")
+    warnings = []
+    for key, path, certificate in [("tls.cert", tls.cert, cert)] + [("tls.ca", tls.ca, c) for c in cas]:
+        if certificate.not_valid_after_utc <= now:
+            raise ConfigError(
+                config.source, key, f"{path} expired on {certificate.not_valid_after_utc:%Y-%m-%d}"
+            )
+        if certificate.not_valid_before_utc > now:
+            raise ConfigError(
+                config.source, key, f"{path} is not valid before {certificate.not_valid_before_utc:%Y-%m-%d}"
+            )
+        left = certificate.not_valid_after_utc - now
+        if left < EXPIRY_WARNING:
+            warnings.append(
+                f"{config.source}: {key}: {path} expires in {left.days} days "
+                f"({certificate.not_valid_after_utc:%Y-%m-%d})"
+            )
+    return warnings
+
+
+EXPIRY_WARNING = timedelta(days=30)
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _load_certificate(source: Path, key: str, path: Path) -> x509.Certificate:
+    return _load_certificates(source, key, path)[0]
+
+
+def _load_certificates(source: Path, key: str, path: Path) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except (ValueError, OSError) as exc:
+        raise ConfigError(source, key, f"no PEM certificate in {path}: {exc}") from None
+    return certs

@@ -1,0 +1,458 @@
+"""One tunnel: bind, accept under a connection cap, handshake under a deadline, decide who
+the peer is, dial the target (with failover), relay, and log each connection's story.
+
+Server mode: TLS in, plaintext out. Client mode: plaintext in, TLS out. Both share this
+code; only which side is TLS differs. The identity decision is made before the target is
+dialled, so a refused or silent client never costs the target a connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import socket
+import ssl
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from tunnel.config import Address, TunnelConfig
+from tunnel.identity import Identity, decide, identity_from_der
+from tunnel.relay import RelayStats, relay
+from tunnel.streams import PlainStream, StreamBroken, TLSStream
+from tunnel.tls import build_context
+
+log = logging.getLogger("tunnel")
+
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class TunnelState:
+    """Everything a connection needs, built and validated up front; swapped whole on reload."""
+
+    config: TunnelConfig
+    context: ssl.SSLContext
+
+    @classmethod
+    def build(cls, config: TunnelConfig) -> TunnelState:
+        return cls(config=config, context=build_context(config))
+
+
+class TargetUnavailable(Exception):
+    """No target in the list accepted a connection in time."""
+
+
+@dataclass
+class Connection:
+    """One accepted connection, as the daemon and status pages see it."""
+
+    id: int
+    peer: str
+    since: float
+    identity: Identity | None = None
+    stats: RelayStats = field(default_factory=RelayStats)
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class Tunnel:
+    """A listener and its connections. `state` may be replaced at any time (reload)."""
+
+    def __init__(self, state: TunnelState) -> None:
+        self.state = state
+        self.name = state.config.name
+        self.connections: dict[int, Connection] = {}
+        self.listening = False
+        self._slots = trio.Semaphore(state.config.limits.max_connections)
+        self._stop_accepting = trio.CancelScope()
+        self._connections_scope: trio.CancelScope | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report the bound address through task_status, accept until stopped, then
+        drain open connections for at most limits.drain_timeout."""
+        listener = bind_listener(self.state.config.listen)
+        try:
+            async with trio.open_nursery() as connections:
+                self._connections_scope = connections.cancel_scope
+                with self._stop_accepting:
+                    self.listening = True
+                    task_status.started(listener.getsockname())
+                    log.info(
+                        "listening tunnel=%s mode=%s listen=%s target=%s",
+                        self.name,
+                        self.state.config.mode,
+                        _format_sockname(listener),
+                        ",".join(str(t) for t in self.state.config.targets),
+                    )
+                    await self._accept_loop(listener, connections)
+                self.listening = False
+                _close_listener(listener, self.state.config.listen)
+                if self.connections:
+                    log.info("draining tunnel=%s open=%d", self.name, len(self.connections))
+                connections.cancel_scope.deadline = (
+                    trio.current_time() + self.state.config.limits.drain_timeout
+                )
+        finally:
+            self.listening = False
+            _close_listener(listener, self.state.config.listen)
+
+    def stop(self) -> None:
+        """Stop accepting now; open connections get limits.drain_timeout to finish."""
+        self._stop_accepting.cancel()
+
+    def abort(self) -> None:
+        """Stop accepting and close every open connection now."""
+        self._stop_accepting.cancel()
+        if self._connections_scope is not None:
+            self._connections_scope.cancel()
+
+    # -- accepting -------------------------------------------------------------------
+
+    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                sock, address = await _accept(listener, self.name)
+            except BaseException:
+                self._slots.release()
+                raise
+            nursery.start_soon(self._handle, sock, _format_peer(address))
+
+    async def _handle(self, sock: socket.socket, peer: str) -> None:
+        conn = Connection(id=next(_ids), peer=peer, since=trio.current_time())
+        state = self.state
+        try:
+            with conn.cancel_scope:
+                self.connections[conn.id] = conn
+                if state.config.mode == "server":
+                    await self._serve_tls_client(state, sock, conn)
+                else:
+                    await self._serve_plain_client(state, sock, conn)
+            if conn.cancel_scope.cancelled_caught and not conn.stats.why:
+                conn.stats.why = "closed by the daemon"
+                _log_closed(self.name, conn)
+        except Exception:
+            log.exception("error tunnel=%s peer=%s (connection dropped)", self.name, peer)
+        finally:
+            self.connections.pop(conn.id, None)
+            self._slots.release()
+            sock.close()
+
+    async def _serve_tls_client(self, state: TunnelState, sock: socket.socket, conn: Connection) -> None:
+        """Server mode: handshake, decide, dial, relay."""
+        config = state.config
+        client = TLSStream(sock, state.context, server_side=True)
+        try:
+            with trio.fail_after(config.limits.handshake_timeout):
+                await client.do_handshake()
+        except trio.TooSlowError:
+            _log_refused(self.name, conn.peer, "handshake timeout")
+            client.abort()
+            return
+        except ssl.SSLError as exc:
+            _log_refused(self.name, conn.peer, handshake_failure_reason(exc))
+            client.abort()
+            return
+        except StreamBroken as exc:
+            _log_refused(self.name, conn.peer, f"during handshake: {exc}")
+            client.abort()
+            return
+        der = client.peer_certificate()
+        if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than trust that
+            _log_refused(self.name, conn.peer, "no certificate")
+            client.abort()
+            return
+        conn.identity = identity_from_der(der)
+        assert config.allow is not None
+        decision = decide(conn.identity, config.allow)
+        if not decision.allowed:
+            _log_refused(self.name, conn.peer, decision.reason, conn.identity)
+            client.abort()
+            return
+        try:
+            target_sock, target = await dial_any(config.targets, config.limits.connect_timeout)
+        except TargetUnavailable as exc:
+            _log_target_down(self.name, conn, str(exc))
+            client.abort()
+            return
+        log.info(
+            "opened tunnel=%s peer=%s identity=%s tls=%s target=%s",
+            self.name,
+            conn.peer,
+            conn.identity.describe(),
+            client.version(),
+            target,
+        )
+        await self._relay(client, PlainStream(target_sock), conn)
+
+    async def _serve_plain_client(self, state: TunnelState, sock: socket.socket, conn: Connection) -> None:
+        """Client mode: dial, handshake with the server, relay."""
+        config = state.config
+        client = PlainStream(sock)
+        try:
+            target_sock, target = await dial_any(config.targets, config.limits.connect_timeout)
+        except TargetUnavailable as exc:
+            _log_target_down(self.name, conn, str(exc))
+            client.abort()
+            return
+        server = TLSStream(
+            target_sock, state.context, server_side=False, server_hostname=config.tls.server_name
+        )
+        try:
+            with trio.fail_after(config.limits.handshake_timeout):
+                await server.do_handshake()
+        except (trio.TooSlowError, ssl.SSLError, StreamBroken) as exc:
+            reason = (
+                "handshake timeout"
+                if isinstance(exc, trio.TooSlowError)
+                else (handshake_failure_reason(exc) if isinstance(exc, ssl.SSLError) else str(exc))
+            )
+            log.warning("refused: server %s: %s tunnel=%s peer=%s", target, reason, self.name, conn.peer)
+            server.abort()
+            client.abort()
+            return
+        der = server.peer_certificate()
+        conn.identity = identity_from_der(der) if der else None
+        log.info(
+            "opened tunnel=%s peer=%s server=%s identity=%s tls=%s",
+            self.name,
+            conn.peer,
+            target,
+            conn.identity.describe() if conn.identity else "-",
+            server.version(),
+        )
+        await self._relay(client, server, conn)
+
+    async def _relay(
+        self, accepted: PlainStream | TLSStream, dialled: PlainStream | TLSStream, conn: Connection
+    ) -> None:
+        try:
+            await relay(
+                accepted,
+                dialled,
+                idle_timeout=self.state.config.limits.idle_timeout,
+                stats=conn.stats,
+            )
+        finally:
+            if conn.stats.why.startswith(("client:", "target:")) or not conn.stats.why:
+                accepted.abort()
+                dialled.abort()
+            else:
+                accepted.close()
+                dialled.close()
+            if conn.stats.why:
+                _log_closed(self.name, conn)
+
+
+# -- sockets ---------------------------------------------------------------------------
+
+
+def bind_listener(address: Address) -> socket.socket:
+    """A listening, non-blocking socket for a listen address (OSError if it cannot bind)."""
+    if address.path is not None:
+        _remove_stale_unix_socket(address.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(address.path)
+        except OSError:
+            sock.close()
+            raise
+    else:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address.host, address.port))
+        except OSError:
+            sock.close()
+            raise
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody answers: left over from a previous run
+    else:
+        raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
+    finally:
+        probe.close()
+
+
+def _close_listener(sock: socket.socket, address: Address) -> None:
+    if sock.fileno() == -1:
+        return
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
+    if address.path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(address.path)
+
+
+async def _accept(listener: socket.socket, name: str) -> tuple[socket.socket, Any]:
+    while True:
+        try:
+            sock, address = listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+            continue
+        except OSError as exc:
+            if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                log.error("accept failed tunnel=%s: %s; retrying in 100ms", name, exc.strerror)
+                await trio.sleep(0.1)
+                continue
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                continue
+            raise
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
+
+
+async def dial_any(targets: tuple[Address, ...], seconds_each: float) -> tuple[socket.socket, Address]:
+    """Connect to the first target that answers, in order; TargetUnavailable if none does."""
+    problems = []
+    for target in targets:
+        try:
+            with trio.fail_after(seconds_each):
+                return await dial(target), target
+        except trio.TooSlowError:
+            problems.append(f"{target}: connect timeout")
+        except OSError as exc:
+            problems.append(f"{target}: {exc.strerror or exc}")
+    raise TargetUnavailable("; ".join(problems))
+
+
+async def dial(target: Address) -> socket.socket:
+    """Open a non-blocking connection to one target."""
+    if target.path is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sockaddr: Any = target.path
+    else:
+        infos = await trio.socket.getaddrinfo(
+            target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        if not infos:
+            raise OSError(errno.EHOSTUNREACH, f"no address for {target.host}")
+        family, type_, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    try:
+        try:
+            sock.connect(sockaddr)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error)) from None
+    except BaseException:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+        raise
+    return sock
+
+
+# -- logging ---------------------------------------------------------------------------
+
+_VERIFY_REASONS = {
+    2: "unknown CA",
+    9: "certificate not yet valid",
+    10: "certificate expired",
+    18: "unknown CA (self-signed certificate)",
+    19: "unknown CA (self-signed certificate in chain)",
+    20: "unknown CA",
+    21: "unknown CA",
+    23: "revoked",
+    3: "CRL unavailable",
+    11: "CRL not yet valid",
+    12: "CRL expired",
+    26: "certificate not valid for this purpose",
+    62: "hostname mismatch",
+    64: "IP address mismatch",
+}
+
+_SSL_REASONS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no certificate",
+    "WRONG_VERSION_NUMBER": "not a TLS handshake",
+    "HTTP_REQUEST": "not a TLS handshake (HTTP request)",
+    "UNEXPECTED_MESSAGE": "not a TLS handshake",
+    "PACKET_LENGTH_TOO_LONG": "not a TLS handshake",
+    "UNSUPPORTED_PROTOCOL": "TLS version too old",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "TLS version too old",
+    "NO_SHARED_CIPHER": "no shared cipher",
+    "NO_PROTOCOLS_AVAILABLE": "TLS version too old",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust our certificate (unknown CA)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer rejected our certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the peer says our certificate expired",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "the peer says our certificate is revoked",
+    "UNEXPECTED_EOF_WHILE_READING": "closed during the handshake",
+}
+
+
+def handshake_failure_reason(exc: ssl.SSLError) -> str:
+    """A short, stable reason for a failed handshake, for the refused: log line."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        return _VERIFY_REASONS.get(code, f"certificate rejected: {exc.verify_message}")
+    if isinstance(exc, ssl.SSLEOFError):
+        return "closed during the handshake"
+    reason = str(exc.reason or "")
+    if reason in _SSL_REASONS:
+        return _SSL_REASONS[reason]
+    return f"TLS error: {reason.replace('_', ' ').lower() or exc}"
+
+
+def _format_peer(address: Any) -> str:
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "unix" if not address else f"unix:{address}"
+
+
+def _format_sockname(sock: socket.socket) -> str:
+    return _format_peer(sock.getsockname())
+
+
+def _log_refused(name: str, peer: str, reason: str, identity: Identity | None = None) -> None:
+    who = f" identity={identity.describe()}" if identity else ""
+    log.warning("refused: %s tunnel=%s peer=%s%s", reason, name, peer, who)
+
+
+def _log_target_down(name: str, conn: Connection, why: str) -> None:
+    conn.stats.why = f"target unavailable: {why}"
+    log.error("target unavailable tunnel=%s peer=%s: %s", name, conn.peer, why)
+
+
+def _log_closed(name: str, conn: Connection) -> None:
+    stats = conn.stats
+    log.info(
+        "closed tunnel=%s peer=%s identity=%s in=%d out=%d duration=%.3fs why=%s%s",
+        name,
+        conn.peer,
+        conn.identity.describe() if conn.identity else "-",
+        stats.bytes_in,
+        stats.bytes_out,
+        trio.current_time() - conn.since,
+        stats.why,
+        " (unclean close: no TLS close_notify)" if stats.unclean else "",
+    )
