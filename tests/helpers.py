@@ -239,3 +239,14 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+async def read_until_closed(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything until EOF or a reset (a refusal may end either way)."""
+    chunks = []
+    try:
+        async for data in stream:
+            chunks.append(data)
+    except trio.BrokenResourceError:
+        pass
+    return b"".join(chunks)

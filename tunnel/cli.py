@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from tunnel import __version__, pki
+from tunnel.config import ConfigError, load_paths
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -17,7 +18,7 @@ EXIT_USAGE = 2  # bad usage or bad configuration
 
 # User-facing error types reported as "error: <message>" with EXIT_USAGE.
 # Add new ones here (e.g. a config error) rather than catching them in each command.
-USAGE_ERRORS: tuple[type[Exception], ...] = (pki.PKIError,)
+USAGE_ERRORS: tuple[type[Exception], ...] = (pki.PKIError, ConfigError)
 
 
 @contextlib.contextmanager
@@ -157,3 +158,39 @@ def ca_show(file: Path) -> None:
 
 if __name__ == "__main__":
     main(prog_name="tunnel")
+
+
+_paths_argument = click.argument(
+    "paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="PATH..."
+)
+
+
+@main.command()
+@_paths_argument
+def check(paths: tuple[Path, ...]) -> None:
+    """Validate tunnel files and the certificates they name."""
+    from tunnel.daemon import build_states
+    from tunnel.tls import check_certificates
+
+    configs = load_paths(paths)
+    build_states(configs)
+    for config in configs:
+        for warning in check_certificates(config):
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(f"ok: {config.source} ({config.name}: {config.mode}, listen {config.listen})")
+
+
+@main.command()
+@click.option(
+    "--log-format", type=click.Choice(["text"]), default="text", show_default=True, help="Log line format."
+)
+@_paths_argument
+def run(paths: tuple[Path, ...], log_format: str) -> None:
+    """Run every tunnel named (files, or directories of *.yaml) until SIGTERM/SIGINT."""
+    import trio
+
+    from tunnel.daemon import Daemon, build_states, setup_logging
+
+    setup_logging(log_format)
+    states = build_states(load_paths(paths))
+    trio.run(Daemon(paths, states).run)

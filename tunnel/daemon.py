@@ -33,6 +33,8 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind every tunnel, report their addresses (name → sockname), serve until a
         SIGTERM/SIGINT has drained them all. SIGHUP reloads."""
+        for tunnel in self.tunnels:
+            tunnel.bind()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 addresses = {}

@@ -72,13 +72,27 @@ class Tunnel:
         self._slots = trio.Semaphore(state.config.limits.max_connections)
         self._stop_accepting = trio.CancelScope()
         self._connections_scope: trio.CancelScope | None = None
+        self._listener: socket.socket | None = None
+
+    def bind(self) -> None:
+        """Bind the listen address now (OSError naming the tunnel if it cannot)."""
+        if self._listener is None:
+            address = self.state.config.listen
+            try:
+                self._listener = bind_listener(address)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"tunnel {self.name}: cannot listen on {address}: {exc.strerror or exc}"
+                ) from exc
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, report the bound address through task_status, accept until stopped, then
         drain open connections for at most limits.drain_timeout."""
-        listener = bind_listener(self.state.config.listen)
+        self.bind()
+        listener = self._listener
+        assert listener is not None
         try:
             async with trio.open_nursery() as connections:
                 self._connections_scope = connections.cancel_scope

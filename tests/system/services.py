@@ -93,9 +93,7 @@ def require_tool(name: str, *alternatives: str) -> str:
             return path
     names = " / ".join((name, *alternatives))
     package = DEBIAN_PACKAGES.get(name, name)
-    message = (
-        f"{names} not found: install the Debian package {package!r} (apt-get install {package})"
-    )
+    message = f"{names} not found: install the Debian package {package!r} (apt-get install {package})"
     if system_tests_required():
         pytest.fail(f"{message} [CI=true or TUNNEL_REQUIRE_SYSTEM=1: refusing to skip]")
     pytest.skip(message)
@@ -375,9 +373,7 @@ def mariadb_query(
 
     Raises ServiceError (including the client's stderr) on failure.
     """
-    argv = mariadb_client_argv(
-        port, user=user, password=password, connect_timeout=connect_timeout, host=host
-    )
+    argv = mariadb_client_argv(port, user=user, password=password, connect_timeout=connect_timeout, host=host)
     if database is not None:
         argv.append(f"--database={database}")
     argv += ["--execute", sql]
@@ -397,9 +393,7 @@ def _mariadb_socket_sql(sock: Path, sql: str, timeout: float = 30.0) -> None:
     """Run ``sql`` as the passwordless root user over the unix socket."""
     client = require_tool("mariadb", "mysql")
     argv = [client, "--no-defaults", "--protocol=SOCKET", f"--socket={sock}", "--user=root"]
-    result = subprocess.run(
-        [*argv, "--execute", sql], capture_output=True, timeout=timeout, check=False
-    )
+    result = subprocess.run([*argv, "--execute", sql], capture_output=True, timeout=timeout, check=False)
     if result.returncode != 0:
         raise ServiceError(
             f"mariadb (root over {sock}) failed ({result.returncode}) running {sql!r}: "
@@ -448,8 +442,7 @@ def run_mariadb(tmp: Path, timeout: float = 60.0) -> Iterator[MariaDB]:
     install_log.write_bytes(install.stdout)
     if install.returncode != 0:
         raise ServiceError(
-            f"{install_db} failed ({install.returncode}):\n"
-            f"{install.stdout.decode(errors='replace')[-8000:]}"
+            f"{install_db} failed ({install.returncode}):\n{install.stdout.decode(errors='replace')[-8000:]}"
         )
 
     port = free_port()
@@ -557,9 +550,7 @@ def _stunnel_log_path(full_config: str, tmp: Path) -> Path:
 
 
 @contextlib.contextmanager
-def run_stunnel(
-    tmp: Path, config_text: str, timeout: float = 15.0
-) -> Iterator[subprocess.Popen[bytes]]:
+def run_stunnel(tmp: Path, config_text: str, timeout: float = 15.0) -> Iterator[subprocess.Popen[bytes]]:
     """Run stunnel in the foreground with ``config_text`` (the service sections).
 
     Waits until every ``accept = 127.0.0.1:PORT`` is connectable (one empty

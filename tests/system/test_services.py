@@ -135,9 +135,7 @@ def test_require_tool_missing_skips_locally(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize(("var", "value"), [("CI", "true"), ("TUNNEL_REQUIRE_SYSTEM", "1")])
-def test_require_tool_missing_fails_in_ci(
-    monkeypatch: pytest.MonkeyPatch, var: str, value: str
-) -> None:
+def test_require_tool_missing_fails_in_ci(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv("TUNNEL_REQUIRE_SYSTEM", raising=False)
     monkeypatch.setenv(var, value)

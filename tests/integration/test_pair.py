@@ -1,0 +1,187 @@
+"""A client tunnel and a server tunnel back to back: plaintext in, TLS between, plaintext out."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.helpers import (
+    PKI,
+    Backend,
+    Handler,
+    backend,
+    client_doc,
+    echo,
+    hash_then_reply,
+    read_until_closed,
+    recv_all,
+    running_tunnel,
+    server_doc,
+    speak_first,
+    tcp_connect,
+    write_yaml,
+)
+
+
+@asynccontextmanager
+async def pair(
+    p: PKI,
+    tmp: Path,
+    handler: Handler,
+    *,
+    client_listen: str = "127.0.0.1:0",
+    server_listen: str = "127.0.0.1:0",
+) -> AsyncIterator[tuple[str, Backend]]:
+    """Target ← server tunnel ← client tunnel; yields the client tunnel's address."""
+    async with backend(handler) as target:
+        server = write_yaml(tmp / "server.yaml", server_doc(p, target.address, listen=server_listen))
+        async with running_tunnel(server) as (_, server_address):
+            client = write_yaml(tmp / "client.yaml", client_doc(p, server_address, listen=client_listen))
+            async with running_tunnel(client) as (_, client_address):
+                yield client_address, target
+
+
+async def test_pair_large_random_transfer_arrives_intact(pki_files: PKI, tmp_path: Path) -> None:
+    payload = os.urandom(24 * 1024 * 1024)
+    async with pair(pki_files, tmp_path, hash_then_reply) as (address, _):
+        async with await tcp_connect(address) as stream:
+            with trio.fail_after(60):
+                await stream.send_all(payload)
+                await stream.send_eof()
+                reply = await recv_all(stream)
+    assert reply.decode() == hashlib.sha256(payload).hexdigest()
+
+
+async def test_pair_half_close_from_client_keeps_the_return_direction(pki_files: PKI, tmp_path: Path) -> None:
+    """The client ends its sending; the target sees EOF, and its answer still comes back."""
+    async with pair(pki_files, tmp_path, hash_then_reply) as (address, _):
+        async with await tcp_connect(address) as stream:
+            with trio.fail_after(10):
+                await stream.send_all(b"question")
+                await stream.send_eof()
+                reply = await recv_all(stream)
+    assert reply.decode() == hashlib.sha256(b"question").hexdigest()
+
+
+async def test_pair_half_close_from_target_keeps_the_client_direction(pki_files: PKI, tmp_path: Path) -> None:
+    """The target ends its sending first; the client sees EOF and can still send."""
+    got = trio.Event()
+    received: list[bytes] = []
+
+    async def close_first_then_listen(stream: trio.SocketStream, state: Backend) -> None:
+        await stream.send_all(b"bye")
+        await stream.send_eof()
+        received.append(await recv_all(stream))
+        got.set()
+
+    async with pair(pki_files, tmp_path, close_first_then_listen) as (address, _):
+        async with await tcp_connect(address) as stream:
+            with trio.fail_after(10):
+                assert await recv_all(stream) == b"bye"
+                await stream.send_all(b"still talking")
+                await stream.send_eof()
+                await got.wait()
+    assert received == [b"still talking"]
+
+
+async def test_pair_full_duplex(pki_files: PKI, tmp_path: Path) -> None:
+    payload = os.urandom(8 * 1024 * 1024)
+    async with pair(pki_files, tmp_path, echo) as (address, _), await tcp_connect(address) as stream:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+
+                async def send() -> None:
+                    await stream.send_all(payload)
+                    await stream.send_eof()
+
+                nursery.start_soon(send)
+                echoed = await recv_all(stream)
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_pair_tiny_writes(pki_files: PKI, tmp_path: Path) -> None:
+    async with pair(pki_files, tmp_path, echo) as (address, _), await tcp_connect(address) as stream:
+        with trio.fail_after(20):
+            for i in range(300):
+                byte = bytes([i % 256])
+                await stream.send_all(byte)
+                assert await stream.receive_some(1) == byte
+            await stream.send_eof()
+            assert await recv_all(stream) == b""
+
+
+async def test_pair_target_that_speaks_first(pki_files: PKI, tmp_path: Path) -> None:
+    """MySQL and MariaDB greet first: nobody may wait for the client's first byte."""
+    async with pair(pki_files, tmp_path, speak_first) as (address, _):
+        async with await tcp_connect(address) as stream:
+            with trio.fail_after(5):
+                assert await stream.receive_some() == b"hello from the target\n"
+
+
+async def test_pair_over_unix_sockets(pki_files: PKI, tmp_path: Path) -> None:
+    client_sock = tmp_path / "client.sock"
+    server_sock = tmp_path / "server.sock"
+    async with pair(
+        pki_files,
+        tmp_path,
+        hash_then_reply,
+        client_listen=f"unix:{client_sock}",
+        server_listen=f"unix:{server_sock}",
+    ) as (address, _):
+        assert address.startswith("unix:")
+        async with await trio.open_unix_socket(str(client_sock)) as stream:
+            with trio.fail_after(10):
+                await stream.send_all(b"x" * 100_000)
+                await stream.send_eof()
+                reply = await recv_all(stream)
+    assert reply.decode() == hashlib.sha256(b"x" * 100_000).hexdigest()
+    assert not client_sock.exists(), "the socket file is removed when the tunnel stops"
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+async def test_pair_over_ipv6_loopback(pki_files: PKI, tmp_path: Path) -> None:
+    async with pair(pki_files, tmp_path, echo, client_listen="[::1]:0", server_listen="[::1]:0") as (
+        address,
+        _,
+    ):
+        assert address.startswith("[::1]:")
+        async with await trio.open_tcp_stream("::1", int(address.rpartition(":")[2])) as stream:
+            with trio.fail_after(5):
+                await stream.send_all(b"six")
+                assert await stream.receive_some() == b"six"
+
+
+async def test_client_tunnel_refuses_a_server_from_another_ca(pki_files: PKI, tmp_path: Path) -> None:
+    async with backend(echo) as target:
+        doc = server_doc(pki_files, target.address)
+        doc["tls"]["cert"] = str(pki_files.other / "other-server.crt")
+        doc["tls"]["key"] = str(pki_files.other / "other-server.key")
+        server = write_yaml(tmp_path / "server.yaml", doc)
+        async with running_tunnel(server) as (_, server_address):
+            client = write_yaml(tmp_path / "client.yaml", client_doc(pki_files, server_address))
+            async with running_tunnel(client) as (_, client_address):
+                async with await tcp_connect(client_address) as stream:
+                    with trio.fail_after(5):
+                        assert await read_until_closed(stream) == b""
+        assert target.accepted == 0
+
+
+async def test_client_tunnel_checks_the_server_name(pki_files: PKI, tmp_path: Path) -> None:
+    async with backend(echo) as target:
+        server = write_yaml(tmp_path / "server.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(server) as (_, server_address):
+            doc = client_doc(pki_files, server_address)
+            doc["tls"]["server_name"] = "not-the-server.example"
+            client = write_yaml(tmp_path / "client.yaml", doc)
+            async with running_tunnel(client) as (_, client_address):
+                async with await tcp_connect(client_address) as stream:
+                    with trio.fail_after(5):
+                        assert await read_until_closed(stream) == b""
+        assert target.accepted == 0

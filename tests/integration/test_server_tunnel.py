@@ -1,0 +1,266 @@
+"""A server tunnel on its own: who gets in, who is refused and why, and what the target sees."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import ssl
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.helpers import (
+    PKI,
+    backend,
+    echo,
+    read_until_closed,
+    running_tunnel,
+    server_doc,
+    speak_first,
+    tcp_connect,
+    tls_connect,
+    write_yaml,
+)
+
+
+async def roundtrip(p: PKI, address: str, name: str) -> bytes:
+    stream = await tls_connect(p, address, name)
+    async with stream:
+        with trio.fail_after(5):
+            await stream.send_all(b"ping")
+            return await stream.receive_some()
+
+
+async def test_allowed_client_by_cn_reaches_the_target(pki_files: PKI, tmp_path: Path) -> None:
+    async with backend(echo) as target:
+        path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(path) as (_, address):
+            assert await roundtrip(pki_files, address, "app1") == b"ping"
+    assert target.accepted == 1
+
+
+@pytest.mark.parametrize(
+    ("allow", "client"),
+    [
+        ({"ou": ["payments"]}, "app2"),
+        ({"uri": ["spiffe://example.org/app2"]}, "app2"),
+        ({"dns": ["nothing"], "cn": ["app2"]}, "app2"),
+        ({"any": True}, "stranger"),
+        ("fingerprint", "stranger"),
+    ],
+)
+async def test_each_allow_kind_admits(pki_files: PKI, tmp_path: Path, allow: Any, client: str) -> None:
+    if allow == "fingerprint":
+        fp = pki_files.fingerprint(client)
+        allow = {"fingerprint": [":".join(fp[i : i + 2] for i in range(0, len(fp), 2)).upper()]}
+    async with backend(echo) as target:
+        path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address, allow=allow))
+        async with running_tunnel(path) as (_, address):
+            assert await roundtrip(pki_files, address, client) == b"ping"
+    assert target.accepted == 1
+
+
+async def test_large_random_transfer_through_a_server_tunnel(pki_files: PKI, tmp_path: Path) -> None:
+    payload = os.urandom(16 * 1024 * 1024)
+    async with backend(echo) as target:
+        path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(path) as (_, address):
+            stream = await tls_connect(pki_files, address, "app1")
+            digest = hashlib.sha256()
+            received = 0
+            async with stream:
+                with trio.fail_after(60):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(stream.send_all, payload)
+                        while received < len(payload):
+                            data = await stream.receive_some()
+                            digest.update(data)
+                            received += len(data)
+    assert digest.digest() == hashlib.sha256(payload).digest()
+
+
+async def test_target_that_speaks_first_is_dialled_without_waiting(pki_files: PKI, tmp_path: Path) -> None:
+    async with backend(speak_first) as target:
+        path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(path) as (_, address):
+            stream = await tls_connect(pki_files, address, "app1")
+            async with stream:
+                with trio.fail_after(5):
+                    assert await stream.receive_some() == b"hello from the target\n"
+
+
+async def refused_client(p: PKI, address: str, name: str, **kwargs: Any) -> None:
+    """Connect as `name` and expect the tunnel to end the connection without any data."""
+    with trio.fail_after(5):
+        try:
+            stream = await tls_connect(p, address, name, **kwargs)
+        except (trio.BrokenResourceError, ssl.SSLError):
+            return  # refused during the handshake
+        async with stream:
+            try:
+                await stream.send_all(b"let me in")
+                data = await stream.receive_some()
+            except trio.BrokenResourceError:
+                return  # TLS 1.3: the refusal arrives after the client's side of the handshake
+            assert data == b"", "a refused client must not get data"
+
+
+REFUSALS = [
+    ("other-app1", "unknown CA"),
+    ("", "no certificate"),
+    ("expired", "certificate expired"),
+    ("stranger", "not allowed: matches none of allow.cn, allow.ou"),
+]
+
+
+@pytest.mark.parametrize(("client", "reason"), REFUSALS)
+async def test_refused_clients_never_reach_the_target(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture, client: str, reason: str
+) -> None:
+    async with backend(echo) as target:
+        path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(path) as (_, address):
+            await refused_client(pki_files, address, client)
+            await wait_for_log(caplog, "refused:")
+            # and the tunnel still serves an allowed client afterwards
+            assert await roundtrip(pki_files, address, "app1") == b"ping"
+    assert target.accepted == 1, "only the allowed client may cost the target a connection"
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused:")]
+    assert len(refused) == 1
+    assert refused[0].startswith(f"refused: {reason}")
+    assert "peer=127.0.0.1:" in refused[0]
+
+
+async def wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    with trio.fail_after(5):
+        while not any(text in r.getMessage() for r in caplog.records):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not a TLS handshake"),
+        (os.urandom(64), "not a TLS handshake"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "closed during the handshake"),
+    ],
+    ids=["http", "random", "truncated-client-hello"],
+)
+async def test_garbage_is_refused_and_the_target_sees_nothing(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture, payload: bytes, reason: str
+) -> None:
+    async with backend(echo) as target:
+        path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(path) as (_, address):
+            async with await tcp_connect(address) as stream:
+                with contextlib.suppress(trio.BrokenResourceError):  # the tunnel may reset first
+                    await stream.send_all(payload)
+                    await stream.send_eof()
+                with trio.fail_after(5):
+                    await read_until_closed(stream)
+            await wait_for_log(caplog, "refused:")
+            assert await roundtrip(pki_files, address, "app1") == b"ping"
+    assert target.accepted == 1
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused:")]
+    assert refused[0].startswith(f"refused: {reason}"), refused
+
+
+async def test_silent_client_is_closed_after_the_handshake_timeout(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with backend(echo) as target:
+        doc = server_doc(pki_files, target.address, limits={"handshake_timeout": "300ms"})
+        path = write_yaml(tmp_path / "t.yaml", doc)
+        async with running_tunnel(path) as (_, address):
+            async with await tcp_connect(address) as stream:
+                with trio.fail_after(5):
+                    assert await read_until_closed(stream) == b""
+            await wait_for_log(caplog, "refused: handshake timeout")
+    assert target.accepted == 0
+
+
+async def test_tls_1_1_is_refused(pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with backend(echo) as target:
+        path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(path) as (_, address):
+            ctx = pki_files.client_context("app1")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+                ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+            tcp = await tcp_connect(address)
+            stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
+            with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
+                await stream.do_handshake()
+            await tcp.aclose()
+            await wait_for_log(caplog, "refused:")
+    assert target.accepted == 0
+    assert any("refused: TLS version too old" in r.getMessage() for r in caplog.records)
+
+
+async def test_min_version_1_3_refuses_tls_1_2(pki_files: PKI, tmp_path: Path) -> None:
+    async with backend(echo) as target:
+        doc = server_doc(pki_files, target.address)
+        doc["tls"]["min_version"] = "1.3"
+        path = write_yaml(tmp_path / "t.yaml", doc)
+        async with running_tunnel(path) as (_, address):
+            ctx = pki_files.client_context("app1")
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+            tcp = await tcp_connect(address)
+            stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
+            with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
+                await stream.do_handshake()
+            await tcp.aclose()
+            assert await roundtrip(pki_files, address, "app1") == b"ping"
+    assert target.accepted == 1
+
+
+async def test_dead_target_closes_the_client_promptly(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.helpers import free_port
+
+    path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, f"127.0.0.1:{free_port()}"))
+    async with running_tunnel(path) as (_, address):
+        stream = await tls_connect(pki_files, address, "app1")
+        async with stream:
+            with trio.fail_after(5):
+                try:
+                    data = await stream.receive_some()
+                except trio.BrokenResourceError:
+                    data = b""
+        assert data == b""
+        await wait_for_log(caplog, "target unavailable")
+
+
+async def test_failover_to_the_second_target(pki_files: PKI, tmp_path: Path) -> None:
+    from tests.helpers import free_port
+
+    async with backend(echo) as target:
+        doc = server_doc(pki_files, [f"127.0.0.1:{free_port()}", target.address])
+        path = write_yaml(tmp_path / "t.yaml", doc)
+        async with running_tunnel(path) as (_, address):
+            assert await roundtrip(pki_files, address, "app1") == b"ping"
+    assert target.accepted == 1
+
+
+async def test_tls_1_2_client_is_served(pki_files: PKI, tmp_path: Path) -> None:
+    async with backend(echo) as target:
+        path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(path) as (_, address):
+            ctx = pki_files.client_context("app1")
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+            tcp = await tcp_connect(address)
+            stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
+            async with stream:
+                with trio.fail_after(5):
+                    await stream.send_all(b"twelve")
+                    assert await stream.receive_some() == b"twelve"
+                    cipher = stream.cipher()
+                    assert cipher is not None
+                    assert "GCM" in cipher[0] or "CHACHA20" in cipher[0]
