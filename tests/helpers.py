@@ -85,9 +85,7 @@ def _issue_expired(ca_dir: Path, name: str) -> None:
         .not_valid_after(now - dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     (ca_dir / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -118,9 +116,7 @@ def server_doc(p: PKI, target: str, *, listen: str = "127.0.0.1:0", **extra: Any
     return doc
 
 
-def client_doc(
-    p: PKI, target: str, *, name: str = "app1", listen: str = "127.0.0.1:0", **extra: Any
-) -> dict[str, Any]:
+def client_doc(p: PKI, target: str, *, name: str = "app1", listen: str = "127.0.0.1:0", **extra: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "mode": "client",
         "listen": listen,

@@ -156,13 +156,7 @@ def ca_show(file: Path) -> None:
     click.echo(pki.describe(file))
 
 
-if __name__ == "__main__":
-    main(prog_name="tunnel")
-
-
-_paths_argument = click.argument(
-    "paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="PATH..."
-)
+_paths_argument = click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="PATH...")
 
 
 @main.command()
@@ -181,9 +175,7 @@ def check(paths: tuple[Path, ...]) -> None:
 
 
 @main.command()
-@click.option(
-    "--log-format", type=click.Choice(["text"]), default="text", show_default=True, help="Log line format."
-)
+@click.option("--log-format", type=click.Choice(["text"]), default="text", show_default=True, help="Log line format.")
 @_paths_argument
 def run(paths: tuple[Path, ...], log_format: str) -> None:
     """Run every tunnel named (files, or directories of *.yaml) until SIGTERM/SIGINT."""
@@ -194,3 +186,7 @@ def run(paths: tuple[Path, ...], log_format: str) -> None:
     setup_logging(log_format)
     states = build_states(load_paths(paths))
     trio.run(Daemon(paths, states).run)
+
+
+if __name__ == "__main__":
+    main(prog_name="tunnel")

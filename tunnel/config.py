@@ -395,9 +395,7 @@ def load_paths(paths: Iterable[Path]) -> list[TunnelConfig]:
     seen_listen: dict[Address, Path] = {}
     for config in configs:
         if config.name in seen_names:
-            raise ConfigError(
-                config.source, "name", f"{config.name!r} is also the name in {seen_names[config.name]}"
-            )
+            raise ConfigError(config.source, "name", f"{config.name!r} is also the name in {seen_names[config.name]}")
         seen_names[config.name] = config.source
         if config.listen in seen_listen and (config.listen.is_unix or config.listen.port != 0):
             raise ConfigError(

@@ -52,9 +52,7 @@ class Daemon:
             if signum == signal.SIGHUP:
                 self.reload()
             elif not self._stopping:
-                log.info(
-                    "stopping on %s: no new connections; draining open ones", signal.Signals(signum).name
-                )
+                log.info("stopping on %s: no new connections; draining open ones", signal.Signals(signum).name)
                 self.stop()
             else:
                 log.info("second %s: closing every connection now", signal.Signals(signum).name)

@@ -179,12 +179,7 @@ def revoke(directory: Path, name: str) -> int:
     entries = list(crl) if crl is not None else []
     if any(entry.serial_number == cert.serial_number for entry in entries):
         raise PKIError(f"{crt_path} (serial {cert.serial_number:x}) is already revoked")
-    entry = (
-        x509.RevokedCertificateBuilder()
-        .serial_number(cert.serial_number)
-        .revocation_date(_now())
-        .build()
-    )
+    entry = x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(_now()).build()
     _write_crl(directory, ca_cert, ca_key, [*entries, entry], number=_crl_number(crl) + 1)
     return cert.serial_number
 
@@ -268,9 +263,7 @@ def _name(*, common_name: str, unit: str | None = None) -> x509.Name:
     return x509.Name(result)
 
 
-def _subject_alt_names(
-    dns: Sequence[str], ips: Sequence[str], uris: Sequence[str]
-) -> list[x509.GeneralName]:
+def _subject_alt_names(dns: Sequence[str], ips: Sequence[str], uris: Sequence[str]) -> list[x509.GeneralName]:
     sans: list[x509.GeneralName] = []
     for value in dns:
         if not _DNS_RE.fullmatch(value) or len(value) > 253:
@@ -387,8 +380,7 @@ def _require_ca_files(directory: Path, *names: str) -> None:
     if missing:
         where = "" if directory.is_dir() else f" (directory {directory} does not exist)"
         raise PKIError(
-            f"CA not initialised: {' and '.join(missing)} missing{where}; "
-            f"run 'tunnel ca init --dir {directory}' first"
+            f"CA not initialised: {' and '.join(missing)} missing{where}; run 'tunnel ca init --dir {directory}' first"
         )
 
 
@@ -484,15 +476,12 @@ def _format_san(name: x509.GeneralName) -> str:
 def _describe_cert(cert: x509.Certificate) -> str:
     exts = cert.extensions
     try:
-        sans = ", ".join(
-            _format_san(n) for n in exts.get_extension_for_class(x509.SubjectAlternativeName).value
-        )
+        sans = ", ".join(_format_san(n) for n in exts.get_extension_for_class(x509.SubjectAlternativeName).value)
     except x509.ExtensionNotFound:
         sans = "none"
     try:
         eku = ", ".join(
-            _EKU_NAMES.get(oid, oid.dotted_string)
-            for oid in exts.get_extension_for_class(x509.ExtendedKeyUsage).value
+            _EKU_NAMES.get(oid, oid.dotted_string) for oid in exts.get_extension_for_class(x509.ExtendedKeyUsage).value
         )
     except x509.ExtensionNotFound:
         eku = "none"
@@ -522,10 +511,7 @@ def _describe_crl(crl: x509.CertificateRevocationList) -> str:
         ("Next update", f"{next_update:%Y-%m-%d %H:%M:%S} UTC" if next_update else "none"),
         ("CRL number", str(_crl_number(crl))),
     ]
-    revoked = [
-        f"{entry.serial_number:x} ({entry.revocation_date_utc:%Y-%m-%d %H:%M:%S} UTC)"
-        for entry in crl
-    ]
+    revoked = [f"{entry.serial_number:x} ({entry.revocation_date_utc:%Y-%m-%d %H:%M:%S} UTC)" for entry in crl]
     rows.append(("Revoked", revoked[0] if revoked else "none"))
     rows.extend(("", line) for line in revoked[1:])
     return _table("Certificate revocation list", rows)

@@ -59,9 +59,7 @@ def _load_identity(ctx: ssl.SSLContext, source: Path, tls: TLSConfig) -> None:
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
             raise ConfigError(source, "tls.key", f"{tls.key} does not match {tls.cert}") from None
-        raise ConfigError(
-            source, "tls.cert", f"cannot load {tls.cert} with key {tls.key}: {_reason(exc)}"
-        ) from None
+        raise ConfigError(source, "tls.cert", f"cannot load {tls.cert} with key {tls.key}: {_reason(exc)}") from None
     except OSError as exc:
         raise ConfigError(source, "tls.cert", f"cannot read: {exc}") from None
 
@@ -99,9 +97,7 @@ def check_certificates(config: TunnelConfig, *, now: datetime | None = None) -> 
     warnings = []
     for key, path, certificate in [("tls.cert", tls.cert, cert)] + [("tls.ca", tls.ca, c) for c in cas]:
         if certificate.not_valid_after_utc <= now:
-            raise ConfigError(
-                config.source, key, f"{path} expired on {certificate.not_valid_after_utc:%Y-%m-%d}"
-            )
+            raise ConfigError(config.source, key, f"{path} expired on {certificate.not_valid_after_utc:%Y-%m-%d}")
         if certificate.not_valid_before_utc > now:
             raise ConfigError(
                 config.source, key, f"{path} is not valid before {certificate.not_valid_before_utc:%Y-%m-%d}"

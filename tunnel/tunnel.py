@@ -111,9 +111,7 @@ class Tunnel:
                 _close_listener(listener, self.state.config.listen)
                 if self.connections:
                     log.info("draining tunnel=%s open=%d", self.name, len(self.connections))
-                connections.cancel_scope.deadline = (
-                    trio.current_time() + self.state.config.limits.drain_timeout
-                )
+                connections.cancel_scope.deadline = trio.current_time() + self.state.config.limits.drain_timeout
         finally:
             self.listening = False
             _close_listener(listener, self.state.config.listen)
@@ -217,9 +215,7 @@ class Tunnel:
             _log_target_down(self.name, conn, str(exc))
             client.abort()
             return
-        server = TLSStream(
-            target_sock, state.context, server_side=False, server_hostname=config.tls.server_name
-        )
+        server = TLSStream(target_sock, state.context, server_side=False, server_hostname=config.tls.server_name)
         try:
             with trio.fail_after(config.limits.handshake_timeout):
                 await server.do_handshake()

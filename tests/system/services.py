@@ -64,8 +64,7 @@ class ServiceError(RuntimeError):
 def system_tests_required() -> bool:
     """True when missing system software must fail (not skip) the tests."""
     return (
-        os.environ.get("CI", "").strip().lower() == "true"
-        or os.environ.get("TUNNEL_REQUIRE_SYSTEM", "").strip() == "1"
+        os.environ.get("CI", "").strip().lower() == "true" or os.environ.get("TUNNEL_REQUIRE_SYSTEM", "").strip() == "1"
     )
 
 
@@ -565,9 +564,7 @@ def run_stunnel(tmp: Path, config_text: str, timeout: float = 15.0) -> Iterator[
     log_path = _stunnel_log_path(full_config, tmp)
     stderr_path = tmp / "stunnel.stderr"
     with open(stderr_path, "wb") as err:
-        process = subprocess.Popen(
-            [binary, str(config_path)], stdin=subprocess.DEVNULL, stdout=err, stderr=err
-        )
+        process = subprocess.Popen([binary, str(config_path)], stdin=subprocess.DEVNULL, stdout=err, stderr=err)
     try:
         try:
             deadline = time.monotonic() + timeout

@@ -48,8 +48,7 @@ def test_redis_benchmark(redis_server: Redis) -> None:
     # -q prints lines like "SET: 41666.67 requests per second, p50=0.055 msec"
     # (with \r-separated progress updates before each final line).
     rates = {
-        m.group(1): float(m.group(2))
-        for m in re.finditer(r"([A-Z]+): ([0-9.]+) requests per second", result.stdout)
+        m.group(1): float(m.group(2)) for m in re.finditer(r"([A-Z]+): ([0-9.]+) requests per second", result.stdout)
     }
     assert set(rates) == {"SET", "GET"}, result.stdout
     assert all(rate > 0 for rate in rates.values()), rates
@@ -78,9 +77,7 @@ def test_mariadb_query_error_has_stderr(mariadb_server: MariaDB) -> None:
 
 def test_stunnel_version(stunnel_path: str) -> None:
     # stunnel prints its version on stderr and may exit non-zero: accept that.
-    result = subprocess.run(
-        [stunnel_path, "-version"], capture_output=True, text=True, timeout=30, check=False
-    )
+    result = subprocess.run([stunnel_path, "-version"], capture_output=True, text=True, timeout=30, check=False)
     assert re.search(r"stunnel \d+\.\d+", result.stdout + result.stderr), result
 
 

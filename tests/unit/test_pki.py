@@ -269,9 +269,7 @@ def test_issue_force_replaces(ca_dir: Path) -> None:
     assert eku(cert) == [ExtendedKeyUsageOID.CLIENT_AUTH]
 
 
-@pytest.mark.parametrize(
-    "name", ["", ".hidden", "a/b", "../x", "with space", "ca", "x" * 65, "naïve", "a\nb"]
-)
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "../x", "with space", "ca", "x" * 65, "naïve", "a\nb"])
 def test_issue_rejects_bad_names(ca_dir: Path, name: str) -> None:
     with pytest.raises(pki.PKIError, match="invalid certificate name"):
         pki.issue(ca_dir, name, kind="server")
