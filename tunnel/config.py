@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tunnel.identity import AllowRule
+from tunnel.identity import AllowRule, normalize_fingerprint
 
 Mode = Literal["server", "client"]
 
@@ -100,7 +102,7 @@ LIMIT_KEYS = {
     "drain_timeout",
 }
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -108,21 +110,31 @@ def parse_duration(value: object) -> float:
     """`500ms`, `10s`, `5m`, `1h` or a number of seconds → seconds. ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 500ms, 10s, 5m, 1h")
+    seconds: float | None = None
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return float(value)
-    if isinstance(value, str):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
+    elif isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNITS[match.group(2)]
-    raise ValueError(f"expected a duration such as 500ms, 10s, 5m, 1h, not {value!r}")
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds is None:
+        raise ValueError(f"expected a duration such as 500ms, 10s, 5m, 1h, not {_show(value)}")
+    if math.isnan(seconds):
+        raise ValueError("expected a duration such as 500ms, 10s, 5m, 1h, not NaN")
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    if math.isinf(seconds):
+        raise ValueError(f"{_show(value)} is too long a duration")
+    return seconds
 
 
 def parse_address(value: object) -> Address:
     """`HOST:PORT`, `[V6]:PORT` or `unix:/path` → Address. ValueError otherwise."""
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"expected HOST:PORT, [IPV6]:PORT or unix:/path, not {value!r}")
+        raise ValueError(f"expected HOST:PORT, [IPV6]:PORT or unix:/path, not {_show(value)}")
     text = value.strip()
     if text.startswith("unix:"):
         path = text[len("unix:") :]
@@ -143,8 +155,8 @@ def parse_address(value: object) -> Address:
             raise ValueError(f"expected HOST:PORT, not {text!r}")
         if ":" in host:
             raise ValueError(f"write an IPv6 address in brackets: [{host}]:{port_text}")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"port must be a number from 0 to 65535, not {port_text!r}")
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, not {_show(port_text)}")
     return Address(host=host, port=int(port_text))
 
 
@@ -163,7 +175,7 @@ class _Reader:
             raise self.error(key, f"expected a mapping, got {_kind(value)}")
         for name in value:
             if not isinstance(name, str):
-                raise self.error(key or "(top level)", f"keys must be strings, got {name!r}")
+                raise self.error(key or "(top level)", f"keys must be strings, got {_show(name)}")
             if name not in allowed:
                 where = f"{key}.{name}" if key else name
                 raise self.error(where, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
@@ -183,9 +195,13 @@ class _Reader:
 
     def file_path(self, value: object, key: str) -> Path:
         path = self.base / Path(os.path.expanduser(self.string(value, key)))
-        if not path.exists():
+        try:
+            exists, is_file = path.exists(), path.is_file()
+        except OSError as exc:  # e.g. ENAMETOOLONG, EACCES on a parent directory
+            raise self.error(key, f"cannot use {path}: {exc.strerror or exc}") from None
+        if not exists:
             raise self.error(key, f"file not found: {path}")
-        if not path.is_file():
+        if not is_file:
             raise self.error(key, f"not a regular file: {path}")
         if not os.access(path, os.R_OK):
             raise self.error(key, f"file not readable: {path}")
@@ -204,10 +220,23 @@ class _Reader:
             raise self.error(key, str(exc)) from None
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+_REPR.maxlong = 60
+
+
+def _show(value: object) -> str:
+    """repr() for error messages: bounded in length and depth, and never raising."""
+    try:
+        return _REPR.repr(value)
+    except (ValueError, RecursionError):  # an int past sys.get_int_max_str_digits(), say
+        return f"({_kind(value)} too large to show)"
+
+
 def _kind(value: object) -> str:
     if value is None:
         return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}.get(
         type(value), f"a {type(value).__name__}"
     )
 
@@ -224,6 +253,10 @@ def load_file(path: Path) -> TunnelConfig:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(path, "", f"not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(path, "", "not valid YAML: nested too deeply") from None
+    except Exception as exc:  # PyYAML's constructors leak ValueError, KeyError, ... (e.g. a: 2001-02-30)
+        raise ConfigError(path, "", f"not valid YAML: {type(exc).__name__}: {exc}") from None
     return parse_document(document, path)
 
 
@@ -252,7 +285,7 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         raise r.error("mode", "required: server or client")
     mode = top["mode"]
     if mode not in ("server", "client"):
-        raise r.error("mode", f"expected server or client, not {mode!r}")
+        raise r.error("mode", f"expected server or client, not {_show(mode)}")
 
     if "listen" not in top:
         raise r.error("listen", "required: HOST:PORT, [IPV6]:PORT or unix:/path")
@@ -307,9 +340,11 @@ def _parse_tls(r: _Reader, value: object, mode: str, targets: tuple[Address, ...
         if key not in tls:
             raise r.error(f"tls.{key}", "required")
     crl = r.file_path(tls["crl"], "tls.crl") if tls.get("crl") is not None else None
-    min_version = str(tls.get("min_version", "1.2"))
+    raw_min_version = tls.get("min_version", "1.2")
+    # str() only what can be "1.2"/"1.3": a string, or the float of an unquoted 1.2
+    min_version = str(raw_min_version) if isinstance(raw_min_version, str | float) else ""
     if min_version not in ("1.2", "1.3"):
-        raise r.error("tls.min_version", f'expected "1.2" or "1.3", not {tls["min_version"]!r}')
+        raise r.error("tls.min_version", f'expected "1.2" or "1.3", not {_show(raw_min_version)}')
     server_name: str | None = None
     if "server_name" in tls:
         if mode != "client":
@@ -338,13 +373,21 @@ def _parse_allow(r: _Reader, value: object) -> AllowRule:
         key: r.strings(allow[key], f"allow.{key}") if allow.get(key) is not None else frozenset()
         for key in ("cn", "dns", "uri", "ou", "fingerprint")
     }
-    for i, fp in enumerate(sorted(lists["fingerprint"])):
-        normalized = fp.replace(":", "").lower()
-        if not re.fullmatch(r"[0-9a-f]{64}", normalized):
-            raise r.error(f"allow.fingerprint[{i}]", f"{fp!r} is not a SHA-256 hex fingerprint")
+    # Index the raw list (already checked to be strings), not the sorted, deduplicated set.
+    raw_fingerprints = allow.get("fingerprint")
+    if isinstance(raw_fingerprints, list):
+        for i, fp in enumerate(raw_fingerprints):
+            _check_fingerprint(r, fp, f"allow.fingerprint[{i}]")
+    elif raw_fingerprints is not None:
+        _check_fingerprint(r, raw_fingerprints, "allow.fingerprint")
     if not any_value and not any(lists.values()):
         raise r.error("allow", "admits nobody: list cn, dns, uri, ou or fingerprint, or write any: true")
     return AllowRule(any=any_value, **lists)
+
+
+def _check_fingerprint(r: _Reader, fp: str, key: str) -> None:
+    if not re.fullmatch(r"[0-9a-f]{64}", normalize_fingerprint(fp)):
+        raise r.error(key, f"{_show(fp)} is not a SHA-256 hex fingerprint")
 
 
 def _parse_limits(r: _Reader, value: object) -> Limits:

@@ -117,8 +117,9 @@ def decide(identity: Identity, rule: AllowRule) -> Decision:
         return Decision(True, "allow.any")
     if identity.cn is not None and identity.cn in rule.cn:
         return Decision(True, f"allow.cn matched {identity.cn}")
+    allowed_dns = {name.lower() for name in rule.dns}  # DNS names are case-insensitive (RFC 4343)
     for dns in identity.dns:
-        if dns in rule.dns:
+        if dns.lower() in allowed_dns:
             return Decision(True, f"allow.dns matched {dns}")
     for uri in identity.uri:
         if uri in rule.uri:
