@@ -59,6 +59,7 @@ class _SocketIO:
         self.sock = sock
         self._closed = False
         self._ready_streak = 0
+        self._drained = False  # the last read emptied the kernel buffer: wait before reading
 
     async def _fairness(self) -> None:
         self._ready_streak += 1
@@ -69,7 +70,13 @@ class _SocketIO:
     async def _recv_into(self, view: memoryview) -> int:
         # Checkpoint before reading, never between the read and the caller's copy: the
         # view may be a process-wide scratch buffer.
-        await self._fairness()
+        # After a short read the next one would almost surely fail with EAGAIN, so wait
+        # for readiness first and save a system call and an exception per message.
+        if self._drained:
+            self._ready_streak = 0
+            await trio.lowlevel.wait_readable(self.sock)
+        else:
+            await self._fairness()
         while True:
             try:
                 n = self.sock.recv_into(view)
@@ -79,6 +86,7 @@ class _SocketIO:
                 continue
             except OSError as exc:
                 raise StreamBroken(_os_reason(exc)) from exc
+            self._drained = 0 < n < len(view)
             return n
 
     async def _send_raw(self, data: bytes | bytearray | memoryview) -> None:
@@ -196,7 +204,17 @@ class TLSStream(_SocketIO):
             return b""
         limit = min(max_bytes, RECEIVE_SIZE)
         total = 0
+        incoming = self._incoming
         while True:
+            if not incoming.pending and not incoming.eof and not self.ssl.pending():
+                # Nothing left to decrypt: reading now could only say "want read".
+                if total:
+                    break
+                if self._outgoing.pending:
+                    await self._flush()
+                if not await self._fill():
+                    incoming.write_eof()
+                continue
             try:
                 n = _read_into(self.ssl, _PLAIN_VIEW[total:limit])
             except ssl.SSLWantReadError:
@@ -205,7 +223,7 @@ class TLSStream(_SocketIO):
                 if self._outgoing.pending:
                     await self._flush()
                 if not await self._fill():
-                    self._incoming.write_eof()
+                    incoming.write_eof()
                 continue
             except ssl.SSLZeroReturnError:
                 n = 0
