@@ -103,7 +103,7 @@ def write_yaml(path: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-def server_doc(p: PKI, target: str, *, listen: str = "127.0.0.1:0", **extra: Any) -> dict[str, Any]:
+def server_doc(p: PKI, target: str | list[str], *, listen: str = "127.0.0.1:0", **extra: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "mode": "server",
         "listen": listen,

@@ -165,7 +165,7 @@ class _Reader:
 
     def __init__(self, file: Path) -> None:
         self.file = file
-        self.base = file.parent
+        self.base = file.parent.absolute()
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.file, key, message)
@@ -208,10 +208,14 @@ class _Reader:
         return path
 
     def address(self, value: object, key: str) -> Address:
+        """An address; a relative unix: path is relative to the YAML file, like tls files."""
         try:
-            return parse_address(value)
+            address = parse_address(value)
         except ValueError as exc:
             raise self.error(key, str(exc)) from None
+        if address.path is not None and not os.path.isabs(address.path):
+            return Address(path=str(self.base / address.path))
+        return address
 
     def duration(self, value: object, key: str) -> float:
         try:
@@ -223,14 +227,17 @@ class _Reader:
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 120
 _REPR.maxlong = 60
+_REPR.maxlevel = 3
+_SHOW_LIMIT = 160
 
 
 def _show(value: object) -> str:
     """repr() for error messages: bounded in length and depth, and never raising."""
     try:
-        return _REPR.repr(value)
+        text = _REPR.repr(value)
     except (ValueError, RecursionError):  # an int past sys.get_int_max_str_digits(), say
         return f"({_kind(value)} too large to show)"
+    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
 
 
 def _kind(value: object) -> str:
@@ -350,10 +357,9 @@ def _parse_tls(r: _Reader, value: object, mode: str, targets: tuple[Address, ...
         if mode != "client":
             raise r.error("tls.server_name", "only for client mode")
         server_name = r.string(tls["server_name"], "tls.server_name")
-    elif mode == "client":
-        if targets[0].is_unix:
-            raise r.error("tls.server_name", "required when the target is a unix socket")
-        server_name = targets[0].host
+    elif mode == "client" and any(t.is_unix for t in targets):
+        # Without server_name each target is checked against its own host name.
+        raise r.error("tls.server_name", "required when a target is a unix socket")
     return TLSConfig(
         cert=r.file_path(tls["cert"], "tls.cert"),
         key=r.file_path(tls["key"], "tls.key"),
@@ -417,14 +423,18 @@ def _parse_limits(r: _Reader, value: object) -> Limits:
 def find_files(paths: Iterable[Path]) -> list[Path]:
     """Expand PATH arguments: a file is itself, a directory is its *.yaml and *.yml files."""
     files: list[Path] = []
+    seen: set[Path] = set()
     for path in paths:
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
             if not found:
                 raise ConfigError(path, "", "no *.yaml files in this directory")
-            files.extend(found)
+            files.extend(p for p in found if p.resolve() not in seen)
+            seen.update(p.resolve() for p in found)
         elif path.exists():
-            files.append(path)
+            if path.resolve() not in seen:
+                files.append(path)
+                seen.add(path.resolve())
         else:
             raise ConfigError(path, "", "file not found")
     return files

@@ -215,7 +215,9 @@ class Tunnel:
             _log_target_down(self.name, conn, str(exc))
             client.abort()
             return
-        server = TLSStream(target_sock, state.context, server_side=False, server_hostname=config.tls.server_name)
+        server = TLSStream(
+            target_sock, state.context, server_side=False, server_hostname=config.tls.server_name or target.host
+        )
         try:
             with trio.fail_after(config.limits.handshake_timeout):
                 await server.do_handshake()

@@ -32,7 +32,7 @@ async def roundtrip(p: PKI, address: str, name: str) -> bytes:
     async with stream:
         with trio.fail_after(5):
             await stream.send_all(b"ping")
-            return await stream.receive_some()
+            return bytes(await stream.receive_some())
 
 
 async def test_allowed_client_by_cn_reaches_the_target(pki_files: PKI, tmp_path: Path) -> None:
