@@ -264,3 +264,22 @@ async def test_tls_1_2_client_is_served(pki_files: PKI, tmp_path: Path) -> None:
                     cipher = stream.cipher()
                     assert cipher is not None
                     assert "GCM" in cipher[0] or "CHACHA20" in cipher[0]
+
+
+async def test_tls_1_2_refusals_carry_the_tls_alert(pki_files: PKI, tmp_path: Path) -> None:
+    """With TLS 1.2 the client learns why in the handshake: OpenSSL's alert is delivered."""
+    async with backend(echo) as target:
+        path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(path) as (_, address):
+            for client, alert in [("expired", "CERTIFICATE_EXPIRED"), ("other-app1", "UNKNOWN_CA")]:
+                ctx = pki_files.client_context(client)
+                ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+                tcp = await tcp_connect(address)
+                stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
+                with pytest.raises(trio.BrokenResourceError) as info, trio.fail_after(5):
+                    await stream.do_handshake()
+                await tcp.aclose()
+                cause = info.value.__cause__
+                assert isinstance(cause, ssl.SSLError)
+                assert alert in str(cause.reason), cause
+    assert target.accepted == 0

@@ -1,0 +1,99 @@
+"""TLSStream against trio.SSLStream over a socketpair: half-close, overflow, EOF kinds."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from tests.helpers import PKI
+from tunnel.streams import TLSStream
+
+
+def server_context(p: PKI) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(p.crt("server"), p.key("server"))
+    ctx.load_verify_locations(p.ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+@asynccontextmanager
+async def connected(p: PKI) -> AsyncIterator[tuple[TLSStream, trio.SSLStream[trio.SocketStream]]]:
+    """Our TLSStream (server side) and a trio.SSLStream client, handshaken."""
+    ours_sock, peer_sock = socket.socketpair()
+    ours = TLSStream(ours_sock, server_context(p), server_side=True)
+    peer = trio.SSLStream(
+        trio.SocketStream(trio.socket.from_stdlib_socket(peer_sock)),
+        p.client_context("app1"),
+        server_hostname="localhost",
+    )
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ours.do_handshake)
+                nursery.start_soon(peer.do_handshake)
+        yield ours, peer
+    finally:
+        ours.close()
+        await trio.aclose_forcefully(peer)
+
+
+async def test_send_eof_keeps_receiving_and_loses_no_buffered_record(pki_files: PKI) -> None:
+    """send_eof while complete records wait in the incoming buffer: none may be lost."""
+    payload = os.urandom(2 * 1024 * 1024)
+    async with connected(pki_files) as (ours, peer):
+        received = bytearray()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def peer_side() -> None:
+                    await peer.send_all(payload)
+                    assert await peer.receive_some() == b"", "close_notify arrives as EOF"
+                    await peer.aclose()  # sends its own close_notify
+
+                nursery.start_soon(peer_side)
+                received += await ours.receive_some(1000)  # leaves records undecrypted
+                await ours.send_eof()
+                while data := await ours.receive_some():
+                    received += data
+    assert bytes(received) == payload
+    assert not ours.unclean_eof
+
+
+async def test_data_sent_before_send_eof_arrives_before_eof(pki_files: PKI) -> None:
+    async with connected(pki_files) as (ours, peer):
+        with trio.fail_after(5):
+            await ours.send_all(b"last words")
+            await ours.send_eof()
+            got = b""
+            while data := await peer.receive_some():
+                got += data
+    assert got == b"last words"
+
+
+async def test_tcp_close_without_close_notify_is_an_unclean_eof(pki_files: PKI) -> None:
+    async with connected(pki_files) as (ours, peer):
+        await peer.send_all(b"abrupt")
+        await peer.transport_stream.send_eof()  # a TCP FIN with no close_notify before it
+        with trio.fail_after(5):
+            got = b""
+            while data := await ours.receive_some():
+                got += data
+    assert got == b"abrupt"
+    assert ours.unclean_eof
+
+
+async def test_send_all_after_send_eof_is_refused(pki_files: PKI) -> None:
+    async with connected(pki_files) as (ours, _):
+        await ours.send_eof()
+        try:
+            await ours.send_all(b"x")
+        except trio.ClosedResourceError:
+            pass
+        else:
+            raise AssertionError("send_all after send_eof must fail")
