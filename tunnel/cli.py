@@ -134,6 +134,14 @@ def ca_revoke(directory: Path, name: str) -> None:
     click.echo(f"revoked {name} (serial {serial:x}); wrote {directory / pki.CRL_FILE}")
 
 
+@ca.command("crl")
+@_dir_option
+def ca_crl(directory: Path) -> None:
+    """Re-sign crl.pem (same revocations) with a fresh next-update time."""
+    next_update = pki.refresh_crl(directory)
+    click.echo(f"wrote {directory / pki.CRL_FILE} (next update {next_update:%Y-%m-%d})")
+
+
 @ca.command("list")
 @_dir_option
 def ca_list(directory: Path) -> None:
@@ -176,8 +184,9 @@ def check(paths: tuple[Path, ...]) -> None:
 
 @main.command()
 @click.option("--log-format", type=click.Choice(["text"]), default="text", show_default=True, help="Log line format.")
+@click.option("--watch-interval", type=float, default=1.0, hidden=True, help="Seconds between file checks; 0 = off.")
 @_paths_argument
-def run(paths: tuple[Path, ...], log_format: str) -> None:
+def run(paths: tuple[Path, ...], log_format: str, watch_interval: float) -> None:
     """Run every tunnel named (files, or directories of *.yaml) until SIGTERM/SIGINT."""
     import trio
 
@@ -185,7 +194,7 @@ def run(paths: tuple[Path, ...], log_format: str) -> None:
 
     setup_logging(log_format)
     states = build_states(load_paths(paths))
-    trio.run(Daemon(paths, states).run)
+    trio.run(Daemon(paths, states, watch_interval=watch_interval).run)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,28 @@
-"""Many tunnels in one trio run: start them, handle signals (reload, drain, stop), log."""
+"""Many tunnels in one trio run: start them, reload them (on SIGHUP or when a file they
+were configured from changes), warn about expiring certificates, drain and stop."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from tunnel.config import ConfigError, TunnelConfig, load_paths
+from tunnel.config import ConfigError, TunnelConfig, find_files, load_paths
+from tunnel.tls import check_certificates
 from tunnel.tunnel import Tunnel, TunnelState
+from tunnel.watch import DEFAULT_INTERVAL, watch
 
 log = logging.getLogger("tunnel")
+
+EXPIRY_CHECK_EVERY = 24 * 3600.0
+CRL_WARNING = timedelta(days=7)
 
 
 def build_states(configs: Sequence[TunnelConfig]) -> list[TunnelState]:
@@ -23,12 +31,18 @@ def build_states(configs: Sequence[TunnelConfig]) -> list[TunnelState]:
 
 
 class Daemon:
-    """The tunnels of one `tunnel run`, and what signals do to them."""
+    """The tunnels of one `tunnel run`, and what signals and file changes do to them."""
 
-    def __init__(self, paths: Sequence[Path], states: Sequence[TunnelState]) -> None:
+    def __init__(
+        self, paths: Sequence[Path], states: Sequence[TunnelState], *, watch_interval: float = DEFAULT_INTERVAL
+    ) -> None:
         self.paths = list(paths)
         self.tunnels = [Tunnel(state) for state in states]
+        self.watch_interval = watch_interval
+        self.reloads = 0
         self._stopping = False
+        self._retiring: list[Tunnel] = []  # stopped by a reload, still draining
+        self._tunnel_nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind every tunnel, report their addresses (name → sockname), serve until a
@@ -36,51 +50,136 @@ class Daemon:
         for tunnel in self.tunnels:
             tunnel.bind()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as helpers:
                 addresses = {}
                 async with trio.open_nursery() as tunnels:
+                    self._tunnel_nursery = tunnels
                     for tunnel in self.tunnels:
                         addresses[tunnel.name] = await tunnels.start(tunnel.serve)
-                    nursery.start_soon(self._watch_signals, signals)
+                    helpers.start_soon(self._watch_signals, signals)
+                    if self.watch_interval > 0:
+                        helpers.start_soon(self._watch_files)
+                    helpers.start_soon(self._warn_about_expiry)
                     log.info("ready tunnels=%d", len(self.tunnels))
                     task_status.started(addresses)
-                nursery.cancel_scope.cancel()
+                helpers.cancel_scope.cancel()
         log.info("stopped")
+
+    # -- signals -------------------------------------------------------------------
 
     async def _watch_signals(self, signals: Any) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                self.reload()
+                log.info("reloading on SIGHUP")
+                await self.reload()
             elif not self._stopping:
                 log.info("stopping on %s: no new connections; draining open ones", signal.Signals(signum).name)
                 self.stop()
             else:
                 log.info("second %s: closing every connection now", signal.Signals(signum).name)
-                for tunnel in self.tunnels:
+                for tunnel in [*self.tunnels, *self._retiring]:
                     tunnel.abort()
 
     def stop(self) -> None:
         self._stopping = True
-        for tunnel in self.tunnels:
+        for tunnel in [*self.tunnels, *self._retiring]:
             tunnel.stop()
 
-    def reload(self) -> bool:
-        """Build the new state of every tunnel first; swap only if all of it is valid."""
+    # -- reload --------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Build and validate the complete new state (and bind any new listen address)
+        first; only then swap it in. On any failure nothing changes."""
+        if self._stopping:
+            return False
         try:
             states = {state.config.name: state for state in build_states(load_paths(self.paths))}
         except ConfigError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
+            log.error("reload failed, still serving the previous configuration: %s", exc)
             return False
-        for tunnel in self.tunnels:
-            new = states.get(tunnel.name)
+        current = {tunnel.name: tunnel for tunnel in self.tunnels}
+        starting = [
+            Tunnel(state)
+            for name, state in states.items()
+            if name not in current or current[name].state.config.listen != state.config.listen
+        ]
+        for index, tunnel in enumerate(starting):
+            try:
+                tunnel.bind()
+            except OSError as exc:
+                for bound in starting[:index]:
+                    bound.close_listener()
+                log.error("reload failed, still serving the previous configuration: %s", exc)
+                return False
+
+        kept: list[Tunnel] = []
+        for name, tunnel in current.items():
+            new = states.get(name)
             if new is None:
-                log.warning("reload: tunnel %s is no longer configured; a restart stops it", tunnel.name)
+                log.info("tunnel %s is no longer configured: stopping it", name)
+                tunnel.stop()
+                self._retiring.append(tunnel)
             elif new.config.listen != tunnel.state.config.listen:
-                log.warning("reload: tunnel %s: a listen change needs a restart", tunnel.name)
+                log.info("tunnel %s moves from %s to %s", name, tunnel.state.config.listen, new.config.listen)
+                tunnel.replace_state(new)
+                tunnel.stop(drain=False)
+                self._retiring.append(tunnel)
             else:
-                tunnel.state = new
+                tunnel.replace_state(new)
+                kept.append(tunnel)
+        assert self._tunnel_nursery is not None
+        for tunnel in starting:
+            await self._tunnel_nursery.start(tunnel.serve)
+        self.tunnels = kept + starting
+        self._retiring = [t for t in self._retiring if t.connections or t.listening]
+        for tunnel in [*self.tunnels, *self._retiring]:
+            tunnel.revalidate()
+        self.reloads += 1
+        for tunnel in self.tunnels:
+            for warning in tunnel.state.warnings:
+                log.warning("certificate expires soon: %s", warning)
         log.info("reloaded tunnels=%d", len(self.tunnels))
         return True
+
+    def _watched(self) -> tuple[list[Path], list[Path]]:
+        files: set[Path] = set()
+        with contextlib.suppress(ConfigError):
+            files.update(find_files(self.paths))
+        for tunnel in self.tunnels:
+            config = tunnel.state.config
+            files.add(config.source)
+            files.update(p for p in (config.tls.cert, config.tls.key, config.tls.ca, config.tls.crl) if p)
+        return sorted(files), [p for p in self.paths if p.is_dir()]
+
+    async def _watch_files(self) -> None:
+        async def changed() -> None:
+            log.info("a configuration file changed: reloading")
+            await self.reload()
+
+        await watch(self._watched, changed, interval=self.watch_interval)
+
+    # -- expiry --------------------------------------------------------------------
+
+    async def _warn_about_expiry(self) -> None:
+        """At start and then daily: certificates within 30 days of expiry, CRLs within 7."""
+        while True:
+            now = datetime.now(UTC)
+            for tunnel in self.tunnels:
+                try:
+                    warnings = check_certificates(tunnel.state.config, now=now)
+                except ConfigError as exc:
+                    warnings = [str(exc)]
+                for warning in warnings:
+                    log.warning("certificate expires soon: %s", warning)
+                next_update = tunnel.state.trust.crl_next_update
+                if next_update is not None and next_update - now < CRL_WARNING:
+                    log.warning(
+                        "CRL due for refresh: tunnel=%s %s next update %s",
+                        tunnel.name,
+                        tunnel.state.config.tls.crl,
+                        f"{next_update:%Y-%m-%d %H:%M} UTC",
+                    )
+            await trio.sleep(EXPIRY_CHECK_EVERY)
 
 
 def setup_logging(log_format: str = "text") -> None:

@@ -184,6 +184,15 @@ def revoke(directory: Path, name: str) -> int:
     return cert.serial_number
 
 
+def refresh_crl(directory: Path) -> dt.datetime:
+    """Re-sign crl.pem with the same entries and a new next-update; return that time."""
+    ca_cert, ca_key = _load_ca(directory)
+    crl = _load_crl(directory, ca_cert)
+    entries = list(crl) if crl is not None else []
+    _write_crl(directory, ca_cert, ca_key, entries, number=_crl_number(crl) + 1)
+    return _now() + CRL_VALIDITY
+
+
 def list_issued(directory: Path) -> list[IssuedCert]:
     """Every certificate in *directory* except the CA's, sorted by name."""
     ca_cert = _load_ca_cert(directory)

@@ -8,6 +8,7 @@ trust anchor (never the system store); a CRL enforced on the leaf when one is co
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -132,3 +133,59 @@ def _load_certificates(source: Path, key: str, path: Path) -> list[x509.Certific
     except (ValueError, OSError) as exc:
         raise ConfigError(source, key, f"no PEM certificate in {path}: {exc}") from None
     return certs
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The parsed trust material of a tunnel, kept to re-check open connections on reload."""
+
+    ca_certs: tuple[x509.Certificate, ...]
+    revoked: frozenset[int]  # serial numbers in tls.crl
+    crl_next_update: datetime | None
+
+
+def load_trust(config: TunnelConfig, *, now: datetime | None = None) -> Trust:
+    """Parse tls.ca and tls.crl. A CRL that does not parse, is not signed by the CA, or is
+    past its next update is a ConfigError: never a silent allow."""
+    now = now or datetime.now(UTC)
+    tls = config.tls
+    cas = tuple(_load_certificates(config.source, "tls.ca", tls.ca))
+    if tls.crl is None:
+        return Trust(ca_certs=cas, revoked=frozenset(), crl_next_update=None)
+    try:
+        data = tls.crl.read_bytes()
+        crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(config.source, "tls.crl", f"no CRL in {tls.crl}: {exc}") from None
+    if not any(_crl_signed_by(crl, ca) for ca in cas):
+        raise ConfigError(config.source, "tls.crl", f"{tls.crl} is not signed by the CA in {tls.ca}")
+    next_update = crl.next_update_utc
+    if next_update is None:
+        raise ConfigError(config.source, "tls.crl", f"{tls.crl} has no next update time")
+    if next_update <= now:
+        raise ConfigError(
+            config.source,
+            "tls.crl",
+            f"{tls.crl} is out of date: its next update was due {next_update:%Y-%m-%d %H:%M} UTC "
+            "(refresh it with tunnel ca crl)",
+        )
+    return Trust(
+        ca_certs=cas,
+        revoked=frozenset(entry.serial_number for entry in crl),
+        crl_next_update=next_update,
+    )
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    if crl.issuer != ca.subject:
+        return False
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def chains_to(cert_der: bytes, trust: Trust) -> bool:
+    """Whether a peer's leaf certificate was issued by one of the tunnel's CA certificates."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    return any(_issued_by(cert, ca) for ca in trust.ca_certs)

@@ -25,7 +25,7 @@ from tunnel.config import Address, TunnelConfig
 from tunnel.identity import Identity, decide, identity_from_der
 from tunnel.relay import RelayStats, relay
 from tunnel.streams import PlainStream, StreamBroken, TLSStream
-from tunnel.tls import build_context
+from tunnel.tls import Trust, build_context, chains_to, check_certificates, load_trust
 
 log = logging.getLogger("tunnel")
 
@@ -39,10 +39,52 @@ class TunnelState:
 
     config: TunnelConfig
     context: ssl.SSLContext
+    trust: Trust
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, config: TunnelConfig) -> TunnelState:
-        return cls(config=config, context=build_context(config))
+        """Validate everything the config names (ConfigError on the first problem)."""
+        context = build_context(config)
+        warnings = check_certificates(config)
+        return cls(config=config, context=context, trust=load_trust(config), warnings=tuple(warnings))
+
+    def still_admits(self, conn: Connection) -> str | None:
+        """Why an open connection's peer is no longer acceptable under this state, or None."""
+        if conn.identity is None or conn.peer_der is None:
+            return None
+        if conn.identity.serial in self.trust.revoked:
+            return "revoked"
+        if not chains_to(conn.peer_der, self.trust):
+            return "its CA is no longer trusted"
+        if self.config.allow is not None:
+            decision = decide(conn.identity, self.config.allow)
+            if not decision.allowed:
+                return f"no longer allowed ({decision.reason})"
+        return None
+
+
+class _Slots:
+    """A counting limit whose size can change while it is in use (max_connections)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self.used >= self.limit:
+            await self._lot.park()
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
+        self._lot.unpark()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._lot.unpark_all()
 
 
 class TargetUnavailable(Exception):
@@ -57,6 +99,7 @@ class Connection:
     peer: str
     since: float
     identity: Identity | None = None
+    peer_der: bytes | None = None
     stats: RelayStats = field(default_factory=RelayStats)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -69,10 +112,11 @@ class Tunnel:
         self.name = state.config.name
         self.connections: dict[int, Connection] = {}
         self.listening = False
-        self._slots = trio.Semaphore(state.config.limits.max_connections)
+        self._slots = _Slots(state.config.limits.max_connections)
         self._stop_accepting = trio.CancelScope()
         self._connections_scope: trio.CancelScope | None = None
         self._listener: socket.socket | None = None
+        self._drain = True
 
     def bind(self) -> None:
         """Bind the listen address now (OSError naming the tunnel if it cannot)."""
@@ -116,9 +160,37 @@ class Tunnel:
             self.listening = False
             _close_listener(listener, self.state.config.listen)
 
-    def stop(self) -> None:
-        """Stop accepting now; open connections get limits.drain_timeout to finish."""
+    def replace_state(self, state: TunnelState) -> None:
+        """Use `state` for every new connection from now on (one assignment)."""
+        self.state = state
+        self._slots.set_limit(state.config.limits.max_connections)
+
+    def close_listener(self) -> None:
+        """Give up a listener bound by `bind` that `serve` never ran on."""
+        if self._listener is not None:
+            _close_listener(self._listener, self.state.config.listen)
+            self._listener = None
+
+    def stop(self, *, drain: bool = True) -> None:
+        """Stop accepting now. With drain, open connections get limits.drain_timeout to
+        finish; without, they go on until they end by themselves (a rebind on reload)."""
+        self._drain = drain
         self._stop_accepting.cancel()
+
+    def revalidate(self) -> None:
+        """Close open connections whose peer the current state no longer admits."""
+        for conn in list(self.connections.values()):
+            why = self.state.still_admits(conn)
+            if why is not None:
+                conn.stats.why = f"closed on reload: {why}"
+                log.warning(
+                    "closing tunnel=%s peer=%s identity=%s: %s",
+                    self.name,
+                    conn.peer,
+                    conn.identity.describe() if conn.identity else "-",
+                    why,
+                )
+                conn.cancel_scope.cancel()
 
     def abort(self) -> None:
         """Stop accepting and close every open connection now."""
@@ -183,6 +255,7 @@ class Tunnel:
             client.abort()
             return
         conn.identity = identity_from_der(der)
+        conn.peer_der = der
         assert config.allow is not None
         decision = decide(conn.identity, config.allow)
         if not decision.allowed:
@@ -233,6 +306,7 @@ class Tunnel:
             return
         der = server.peer_certificate()
         conn.identity = identity_from_der(der) if der else None
+        conn.peer_der = der
         log.info(
             "opened tunnel=%s peer=%s server=%s identity=%s tls=%s",
             self.name,
@@ -254,14 +328,15 @@ class Tunnel:
                 stats=conn.stats,
             )
         finally:
-            if conn.stats.why.startswith(("client:", "target:")) or not conn.stats.why:
-                accepted.abort()
-                dialled.abort()
-            else:
+            if conn.stats.why == "both sides closed":
                 accepted.close()
                 dialled.close()
-            if conn.stats.why:
-                _log_closed(self.name, conn)
+            else:
+                accepted.abort()
+                dialled.abort()
+            if not conn.stats.why:
+                conn.stats.why = "closed by the daemon"
+            _log_closed(self.name, conn)
 
 
 # -- sockets ---------------------------------------------------------------------------

@@ -163,6 +163,7 @@ async def test_client_tunnel_refuses_a_server_from_another_ca(pki_files: PKI, tm
         doc = server_doc(pki_files, target.address)
         doc["tls"]["cert"] = str(pki_files.other / "other-server.crt")
         doc["tls"]["key"] = str(pki_files.other / "other-server.key")
+        doc["tls"]["ca"] = str(pki_files.other / "ca.crt")
         server = write_yaml(tmp_path / "server.yaml", doc)
         async with running_tunnel(server) as (_, server_address):
             client = write_yaml(tmp_path / "client.yaml", client_doc(pki_files, server_address))
