@@ -152,3 +152,19 @@ def test_show_rejects_a_private_key(ca: Path) -> None:
     assert result.returncode == 2
     assert "error: certs/ca.key is neither a PEM certificate nor a PEM CRL" in result.stderr
     assert "PRIVATE KEY" not in result.stdout + result.stderr
+
+
+def test_crl_refresh_keeps_revocations_and_moves_next_update(ca: Path) -> None:
+    ok("ca", "issue", "--dir", "certs", "gone", "--client", cwd=ca)
+    ok("ca", "revoke", "--dir", "certs", "gone", cwd=ca)
+    crl_path = ca / "certs" / "crl.pem"
+    before = x509.load_pem_x509_crl(crl_path.read_bytes())
+    out = ok("ca", "crl", "--dir", "certs", cwd=ca)
+    assert "wrote certs/crl.pem" in out
+    after = x509.load_pem_x509_crl(crl_path.read_bytes())
+    assert {r.serial_number for r in after} == {r.serial_number for r in before}
+    assert after.next_update_utc is not None
+    assert before.next_update_utc is not None
+    assert after.next_update_utc >= before.next_update_utc
+    number = after.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert number == before.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
