@@ -148,12 +148,17 @@ class TLSStream(_SocketIO):
         *,
         server_side: bool,
         server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         super().__init__(sock)
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.ssl = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session,
         )
         self._overflow = bytearray()
         self._eof_received = False
@@ -191,6 +196,10 @@ class TLSStream(_SocketIO):
 
     def version(self) -> str:
         return self.ssl.version() or "?"
+
+    def describe_tls(self) -> str:
+        """For log lines: the version, and whether the session was resumed."""
+        return f"{self.version()}{' resumed' if self.ssl.session_reused else ''}"
 
     # -- receiving -----------------------------------------------------------------
 

@@ -41,6 +41,9 @@ class TunnelState:
     context: ssl.SSLContext
     trust: Trust
     warnings: tuple[str, ...] = ()
+    # Client mode: the last TLS session per target, to resume instead of a full handshake.
+    # Tied to `context`, so a reload (a new context) starts empty.
+    sessions: dict[Address, ssl.SSLSession] = field(default_factory=dict, compare=False)
 
     @classmethod
     def build(cls, config: TunnelConfig) -> TunnelState:
@@ -273,7 +276,7 @@ class Tunnel:
             self.name,
             conn.peer,
             conn.identity.describe(),
-            client.version(),
+            client.describe_tls(),
             target,
         )
         await self._relay(client, PlainStream(target_sock), conn)
@@ -289,7 +292,11 @@ class Tunnel:
             client.abort()
             return
         server = TLSStream(
-            target_sock, state.context, server_side=False, server_hostname=config.tls.server_name or target.host
+            target_sock,
+            state.context,
+            server_side=False,
+            server_hostname=config.tls.server_name or target.host,
+            session=state.sessions.get(target),
         )
         try:
             with trio.fail_after(config.limits.handshake_timeout):
@@ -313,9 +320,14 @@ class Tunnel:
             conn.peer,
             target,
             conn.identity.describe() if conn.identity else "-",
-            server.version(),
+            server.describe_tls(),
         )
-        await self._relay(client, server, conn)
+        try:
+            await self._relay(client, server, conn)
+        finally:
+            # TLS 1.3 tickets arrive after the handshake: by now they have been read.
+            if server.ssl.session is not None and conn.stats.why == "both sides closed":
+                state.sessions[target] = server.ssl.session
 
     async def _relay(
         self, accepted: PlainStream | TLSStream, dialled: PlainStream | TLSStream, conn: Connection

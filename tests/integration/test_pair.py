@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -186,3 +187,25 @@ async def test_client_tunnel_checks_the_server_name(pki_files: PKI, tmp_path: Pa
                     with trio.fail_after(5):
                         assert await read_until_closed(stream) == b""
         assert target.accepted == 0
+
+
+async def test_client_tunnel_resumes_tls_sessions(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The second connection through a client tunnel resumes the first one's TLS session."""
+    caplog.set_level(logging.INFO, logger="tunnel")
+    async with pair(pki_files, tmp_path, echo) as (address, _):
+        for _ in range(3):
+            async with await tcp_connect(address) as stream:
+                with trio.fail_after(5):
+                    await stream.send_all(b"hi")
+                    assert await stream.receive_some() == b"hi"
+                    await stream.send_eof()
+                    assert await recv_all(stream) == b""
+            with trio.fail_after(5):
+                while sum("closed tunnel=client" in r.getMessage() for r in caplog.records) < _ + 1:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+    opened = [r.getMessage() for r in caplog.records if r.getMessage().startswith("opened tunnel=server")]
+    assert len(opened) == 3
+    assert "resumed" not in opened[0]
+    assert all("tls=TLSv1.3 resumed" in line for line in opened[1:]), opened
