@@ -41,6 +41,17 @@ class DaemonProcess:
                 raise AssertionError(f"{text!r} (x{count}) not logged within {timeout}s:\n{content}")
             time.sleep(0.02)
 
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+    def wait_for_fds(self, expected: int, timeout: float = 10.0) -> None:
+        """Wait until the daemon holds `expected` file descriptors (its baseline)."""
+        deadline = time.monotonic() + timeout
+        while (now := self.open_fds()) != expected:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon holds {now} fds, baseline {expected}:\n{self.log()}")
+            time.sleep(0.05)
+
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
@@ -79,6 +90,8 @@ class EchoTarget:
         self.sock.listen(128)
         self.port: int = self.sock.getsockname()[1]
         self.accepted = 0
+        self.active = 0
+        self.max_active = 0
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept_loop, daemon=True).start()
@@ -95,17 +108,23 @@ class EchoTarget:
                 return
             with self._lock:
                 self.accepted += 1
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
                 self._conns.append(conn)
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def _echo(self, conn: socket.socket) -> None:
         try:
             while data := conn.recv(65536):
                 conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
+            while conn.recv(65536):  # until the tunnel closes its side
+                pass
         except OSError:
             pass
+        finally:
+            with self._lock:
+                self.active -= 1
 
     def close(self) -> None:
         self.sock.close()

@@ -407,6 +407,9 @@ def _close_listener(sock: socket.socket, address: Address) -> None:
 
 
 async def _accept(listener: socket.socket, name: str) -> tuple[socket.socket, Any]:
+    """The next connection. Out of file descriptors or memory: log (not on every retry),
+    wait 100 ms and try again; the connection waits in the kernel backlog meanwhile."""
+    failures = 0
     while True:
         try:
             sock, address = listener.accept()
@@ -415,14 +418,24 @@ async def _accept(listener: socket.socket, name: str) -> tuple[socket.socket, An
             continue
         except OSError as exc:
             if exc.errno in _ACCEPT_RETRY_ERRNOS:
-                log.error("accept failed tunnel=%s: %s; retrying in 100ms", name, exc.strerror)
+                if failures % 50 == 0:
+                    log.error("accept failed tunnel=%s: %s; retrying every 100ms", name, exc.strerror)
+                failures += 1
                 await trio.sleep(0.1)
                 continue
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                 continue
             raise
+        if failures:
+            log.warning("accept recovered tunnel=%s after %d retries", name, failures)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):  # already reset by the peer: the handshake will tell
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await trio.lowlevel.checkpoint()  # a flood of connections must not starve the rest
+        except BaseException:
+            sock.close()
+            raise
         return sock, address
 
 

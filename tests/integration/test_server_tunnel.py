@@ -283,3 +283,42 @@ async def test_tls_1_2_refusals_carry_the_tls_alert(pki_files: PKI, tmp_path: Pa
                 assert isinstance(cause, ssl.SSLError)
                 assert alert in str(cause.reason), cause
     assert target.accepted == 0
+
+
+def count_tasks() -> int:
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return walk(root)
+
+
+async def test_tasks_return_to_baseline_after_every_kind_of_failure(pki_files: PKI, tmp_path: Path) -> None:
+    from tests.helpers import free_port
+
+    async with backend(echo) as target:
+        doc = server_doc(pki_files, [f"127.0.0.1:{free_port()}", target.address])
+        doc["limits"] = {"handshake_timeout": "300ms", "idle_timeout": "300ms"}
+        path = write_yaml(tmp_path / "t.yaml", doc)
+        async with running_tunnel(path) as (tunnel, address):
+            await trio.sleep(0.05)
+            baseline = count_tasks()
+            for client in ("other-app1", "", "expired", "stranger"):
+                await refused_client(pki_files, address, client)
+            async with await tcp_connect(address) as silent:
+                with trio.fail_after(5):
+                    await read_until_closed(silent)
+            async with await tcp_connect(address) as garbage:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await garbage.send_all(os.urandom(100))
+                with trio.fail_after(5):
+                    await read_until_closed(garbage)
+            idle = await tls_connect(pki_files, address, "app1")
+            async with idle:
+                with trio.fail_after(5):
+                    await read_until_closed(idle)  # reaped after idle_timeout
+            assert await roundtrip(pki_files, address, "app1") == b"ping"
+            with trio.fail_after(5):
+                while tunnel.connections or count_tasks() != baseline:  # noqa: ASYNC110
+                    await trio.sleep(0.01)

@@ -1,0 +1,231 @@
+"""The edge: scanners, slowloris, floods, dead targets, fd exhaustion. A real `tunnel run`
+keeps serving allowed clients through all of it, and gives back every file descriptor."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import resource
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import PKI, free_port, server_doc, write_yaml
+from tests.process import DaemonProcess, EchoTarget, echo_once, is_closed, tls_client
+
+
+@pytest.fixture
+def target() -> Iterator[EchoTarget]:
+    echo = EchoTarget()
+    yield echo
+    echo.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.close()
+
+
+def start_server(
+    p: PKI, tmp: Path, daemons: list[DaemonProcess], target: str, **limits: Any
+) -> tuple[DaemonProcess, int]:
+    port = free_port()
+    doc = server_doc(p, target, listen=f"127.0.0.1:{port}")
+    doc["limits"] = {"handshake_timeout": "1s", "connect_timeout": "1s", "drain_timeout": "1s", **limits}
+    daemon = DaemonProcess(tmp, str(write_yaml(tmp / "edge.yaml", doc)))
+    daemons.append(daemon)
+    daemon.wait_for("ready tunnels=1")
+    return daemon, port
+
+
+def drain(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (EOF or reset)."""
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def served(p: PKI, port: int, name: str = "app1") -> bool:
+    with tls_client(p, port, name) as conn:
+        return echo_once(conn, b"ping") == b"ping"
+
+
+def test_slowloris_sockets_neither_block_allowed_clients_nor_outlive_the_handshake_timeout(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, port = start_server(pki_files, tmp_path, daemons, target.address)
+    baseline = daemon.open_fds()
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+    try:
+        started = time.monotonic()
+        assert served(pki_files, port)
+        assert time.monotonic() - started < 1.0, "the allowed client must be served promptly"
+        time.sleep(1.5)  # past handshake_timeout
+        for sock in silent:
+            sock.settimeout(2)
+            assert is_closed(sock)
+    finally:
+        for sock in silent:
+            sock.close()
+    assert target.accepted == 1
+    daemon.wait_for_fds(baseline)
+    assert daemon.log().count("refused: handshake timeout") == 300
+    assert daemon.stop() == 0
+
+
+def test_handshake_flood_from_many_threads_serves_every_allowed_client(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, port = start_server(pki_files, tmp_path, daemons, target.address)
+    baseline = daemon.open_fds()
+
+    def one(i: int) -> bool:
+        if i % 4 == 3:  # garbage mixed into the flood
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                raw.sendall(b"\x16\x03\x01\xff\xff" + bytes(200))
+                reply = drain(raw)
+                return reply == b"" or reply[0] == 0x15  # nothing, or a TLS alert, then closed
+        return served(pki_files, port, "app1" if i % 2 else "app2")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(one, range(200)))
+    assert all(results)
+    assert target.accepted == 150
+    daemon.wait_for_fds(baseline)
+    assert daemon.stop() == 0
+
+
+def test_the_connection_cap_is_never_exceeded_at_the_target(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, port = start_server(
+        pki_files, tmp_path, daemons, target.address, max_connections=4, handshake_timeout="10s"
+    )
+    errors: list[str] = []
+
+    def hold(i: int) -> None:
+        try:
+            with tls_client(pki_files, port, "app1", timeout=20) as conn:
+                if echo_once(conn, f"client {i}".encode()) != f"client {i}".encode():
+                    errors.append(f"client {i}: wrong echo")
+                time.sleep(0.3)
+        except (OSError, ssl.SSLError) as exc:
+            errors.append(f"client {i}: {exc!r}")
+
+    threads = [threading.Thread(target=hold, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    assert target.accepted == 16, "every client is served in the end: they waited in the backlog"
+    assert target.max_active <= 4
+    assert daemon.stop() == 0
+
+
+def test_idle_connections_are_reaped(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, port = start_server(pki_files, tmp_path, daemons, target.address, idle_timeout="500ms")
+    baseline = daemon.open_fds()
+    with tls_client(pki_files, port, "app1") as conn:
+        assert echo_once(conn, b"a") == b"a"
+        time.sleep(0.3)
+        assert echo_once(conn, b"b") == b"b", "activity resets the idle clock"
+        time.sleep(0.9)
+        assert is_closed(conn)
+    assert "why=idle for 0.5s" in daemon.wait_for("why=idle")
+    daemon.wait_for_fds(baseline)
+    assert daemon.stop() == 0
+
+
+def test_a_dead_target_closes_clients_promptly_and_is_used_again_when_back(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    target_port = free_port()
+    daemon, port = start_server(pki_files, tmp_path, daemons, f"127.0.0.1:{target_port}")
+    baseline = daemon.open_fds()
+    started = time.monotonic()
+    with tls_client(pki_files, port, "app1") as conn:
+        assert is_closed(conn)
+    assert time.monotonic() - started < 1.0
+    daemon.wait_for("target unavailable")
+    daemon.wait_for_fds(baseline)
+    # the target comes back on the same port
+    with socket.socket() as back:
+        back.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        back.bind(("127.0.0.1", target_port))
+        back.listen()
+        with tls_client(pki_files, port, "app1") as conn:
+            conn.sendall(b"hello")
+            accepted, _ = back.accept()
+            with accepted:
+                assert accepted.recv(100) == b"hello"
+    assert daemon.stop() == 0
+
+
+def test_a_target_that_never_answers_costs_only_the_connect_timeout(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    with socket.socket() as blackhole:  # a listener whose backlog is full never completes connects
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        fillers = [socket.socket() for _ in range(4)]
+        for f in fillers:
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect(blackhole.getsockname())
+        try:
+            daemon, port = start_server(
+                pki_files, tmp_path, daemons, f"127.0.0.1:{blackhole.getsockname()[1]}", connect_timeout="500ms"
+            )
+            started = time.monotonic()
+            with tls_client(pki_files, port, "app1") as conn:
+                assert is_closed(conn)
+            assert time.monotonic() - started < 2.0
+            assert "connect timeout" in daemon.wait_for("target unavailable")
+        finally:
+            for f in fillers:
+                f.close()
+    assert daemon.stop() == 0
+
+
+def test_running_out_of_file_descriptors_is_survived(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, port = start_server(pki_files, tmp_path, daemons, target.address, handshake_timeout="2s")
+    baseline = daemon.open_fds()
+    resource.prlimit(daemon.process.pid, resource.RLIMIT_NOFILE, (baseline + 20, baseline + 20))
+    hogs = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
+    try:
+        daemon.wait_for("Too many open files")
+    finally:
+        for hog in hogs:
+            hog.close()
+    # the hogs' slots come free after their handshake timeout; the daemon recovers
+    daemon.wait_for("accept recovered", timeout=15)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert served(pki_files, port)
+            break
+        except (OSError, ssl.SSLError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    daemon.wait_for_fds(baseline)
+    assert daemon.process.poll() is None
+    assert daemon.stop() == 0
