@@ -229,3 +229,36 @@ def test_running_out_of_file_descriptors_is_survived(
     daemon.wait_for_fds(baseline)
     assert daemon.process.poll() is None
     assert daemon.stop() == 0
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_does_not_grow_with_refusals(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, port = start_server(pki_files, tmp_path, daemons, target.address)
+
+    def refused(i: int) -> bool:
+        name = ("stranger", "other-app1", "expired", "")[i % 4]
+        try:
+            with tls_client(pki_files, port, name) as conn:
+                return is_closed(conn)
+        except (OSError, ssl.SSLError):
+            return True
+
+    def round_of(n: int) -> None:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            assert all(pool.map(refused, range(n)))
+
+    round_of(300)  # warm up: allocator pools, caches
+    settled = rss_kib(daemon.process.pid)
+    round_of(600)
+    grown = rss_kib(daemon.process.pid) - settled
+    assert grown < 4096, f"RSS grew {grown} KiB over 600 refused handshakes"
+    assert target.accepted == 0
+    assert daemon.stop() == 0
