@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# sslyze (for the TLS scan test) lives in its own virtualenv: its pins may clash with ours.
+SSLYZE_VERSION := 6.3.1
+SSLYZE_STAMP := .venv-sslyze/.installed-$(SSLYZE_VERSION)
 
 .PHONY: demo test lint unit clean
 
@@ -11,6 +14,11 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+$(SSLYZE_STAMP):
+	$(PYTHON) -m venv .venv-sslyze
+	.venv-sslyze/bin/pip install --quiet "sslyze==$(SSLYZE_VERSION)"
+	touch $(SSLYZE_STAMP)
+
 demo: $(STAMP)
 	./scripts/demo.sh
 
@@ -19,11 +27,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint $(SSLYZE_STAMP)
 	$(VENV)/bin/pytest
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest tests/unit
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-sslyze build *.egg-info .pytest_cache .mypy_cache .ruff_cache

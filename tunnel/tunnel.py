@@ -246,7 +246,9 @@ class Tunnel:
             return
         except ssl.SSLError as exc:
             _log_refused(self.name, conn.peer, handshake_failure_reason(exc))
-            client.abort()
+            # The alert has been sent: close with a FIN, not a reset, so a client that
+            # writes before it reads still finds the alert waiting (TLS 1.3).
+            client.close()
             return
         except StreamBroken as exc:
             _log_refused(self.name, conn.peer, f"during handshake: {exc}")

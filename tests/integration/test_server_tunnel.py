@@ -322,3 +322,20 @@ async def test_tasks_return_to_baseline_after_every_kind_of_failure(pki_files: P
             with trio.fail_after(5):
                 while tunnel.connections or count_tasks() != baseline:  # noqa: ASYNC110
                     await trio.sleep(0.01)
+
+
+async def test_tls_1_3_client_that_writes_first_still_reads_the_alert(pki_files: PKI, tmp_path: Path) -> None:
+    """The refusal alert must not be lost to a reset when the client sends data first."""
+    async with backend(echo) as target:
+        path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(path) as (_, address):
+            for _ in range(20):
+                stream = await tls_connect(pki_files, address, "")  # TLS 1.3: completes client-side
+                with pytest.raises(trio.BrokenResourceError) as info, trio.fail_after(5):
+                    await stream.send_all(b"ping")
+                    await stream.receive_some()
+                await trio.aclose_forcefully(stream)
+                cause = info.value.__cause__
+                assert isinstance(cause, ssl.SSLError)
+                assert "CERTIFICATE_REQUIRED" in str(cause.reason), cause
+    assert target.accepted == 0
