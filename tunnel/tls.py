@@ -154,9 +154,9 @@ def load_trust(config: TunnelConfig, *, now: datetime | None = None) -> Trust:
         return Trust(ca_certs=cas, revoked=frozenset(), crl_next_update=None)
     try:
         data = tls.crl.read_bytes()
-        crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+        crl = x509.load_pem_x509_crl(data)  # PEM only: OpenSSL's file lookup reads no DER CRL
     except (ValueError, OSError) as exc:
-        raise ConfigError(config.source, "tls.crl", f"no CRL in {tls.crl}: {exc}") from None
+        raise ConfigError(config.source, "tls.crl", f"no PEM CRL in {tls.crl}: {exc}") from None
     if not any(_crl_signed_by(crl, ca) for ca in cas):
         raise ConfigError(config.source, "tls.crl", f"{tls.crl} is not signed by the CA in {tls.ca}")
     next_update = crl.next_update_utc

@@ -61,4 +61,7 @@ async def watch(
                 break
             current = again
         await on_change()
-        last = snapshot(*sources())
+        # Compare later polls with the state on_change was called for, not with the files as
+        # they are now: a change made while on_change ran must cause another call. Only files
+        # that sources() names for the first time are taken as they are now.
+        last = {key: current.get(key, state) for key, state in snapshot(*sources()).items()}
