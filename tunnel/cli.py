@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from tunnel import __version__, pki
-from tunnel.config import ConfigError, load_paths
+from tunnel.config import Address, ConfigError, load_paths, parse_address
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -182,19 +182,52 @@ def check(paths: tuple[Path, ...]) -> None:
         click.echo(f"ok: {config.source} ({config.name}: {config.mode}, listen {config.listen})")
 
 
+def _address(value: str) -> Address:
+    try:
+        address = parse_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if address.is_unix:
+        raise click.BadParameter("expected HOST:PORT")
+    return address
+
+
 @main.command()
-@click.option("--log-format", type=click.Choice(["text"]), default="text", show_default=True, help="Log line format.")
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Log line format."
+)
+@click.option("--status", "status", multiple=True, metavar="HOST:PORT", help="Serve /healthz, /metrics, /connections.")
 @click.option("--watch-interval", type=float, default=1.0, hidden=True, help="Seconds between file checks; 0 = off.")
 @_paths_argument
-def run(paths: tuple[Path, ...], log_format: str, watch_interval: float) -> None:
+def run(paths: tuple[Path, ...], log_format: str, status: tuple[str, ...], watch_interval: float) -> None:
     """Run every tunnel named (files, or directories of *.yaml) until SIGTERM/SIGINT."""
     import trio
 
-    from tunnel.daemon import Daemon, build_states, setup_logging
+    from tunnel import logs
+    from tunnel.daemon import Daemon, build_states
 
-    setup_logging(log_format)
+    addresses = [_address(value) for value in status]
+    logs.setup(log_format)
     states = build_states(load_paths(paths))
-    trio.run(Daemon(paths, states, watch_interval=watch_interval).run)
+    trio.run(Daemon(paths, states, watch_interval=watch_interval, status=addresses).run)
+
+
+@main.command()
+@click.argument("address", default="127.0.0.1:9100", metavar="[HOST:PORT]")
+@click.option("--health", is_flag=True, help="Print only the health; exit 0 if healthy, 1 if not.")
+def status(address: str, health: bool) -> None:
+    """Who is connected now, and each tunnel's health (from a daemon's status address)."""
+    from tunnel.status import StatusUnavailable, fetch, render
+
+    where = _address(address)
+    try:
+        code, health_doc = fetch(where, "/healthz")
+        rows = [] if health else fetch(where, "/connections")[1]["connections"]
+    except StatusUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_FAILURE) from None
+    click.echo(health_doc.get("status", "?") if health else render(health_doc, rows))
+    raise SystemExit(EXIT_OK if code == 200 else EXIT_FAILURE)
 
 
 if __name__ == "__main__":

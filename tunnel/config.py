@@ -79,6 +79,8 @@ class TunnelConfig:
     source: Path
     allow: AllowRule | None = None
     limits: Limits = field(default_factory=Limits)
+    status: Address | None = None  # where to serve /healthz, /metrics, /connections
+    proxy_protocol: Literal["v2"] | None = None
 
 
 TOP_KEYS = {
@@ -281,9 +283,6 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
     if document is None:
         raise r.error("", "the file is empty")
     top = r.mapping(document, "", TOP_KEYS)
-    for key in ("status", "proxy_protocol"):
-        if key in top:
-            raise r.error(key, "not supported by this version of tunnel yet")
 
     name = r.string(top.get("name", path.stem), "name")
     if not NAME_PATTERN.match(name):
@@ -329,6 +328,18 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         raise r.error("allow", "only for server mode (a client tunnel checks tls.server_name)")
 
     limits = _parse_limits(r, top.get("limits", {}))
+    status = None
+    if top.get("status") is not None:
+        status = r.address(top["status"], "status")
+        if status.is_unix:
+            raise r.error("status", "expected HOST:PORT (a TCP address)")
+    proxy_protocol: Literal["v2"] | None = None
+    if top.get("proxy_protocol") is not None:
+        if top["proxy_protocol"] != "v2":
+            raise r.error("proxy_protocol", f"expected v2, not {_show(top['proxy_protocol'])}")
+        if mode != "server":
+            raise r.error("proxy_protocol", "only for server mode")
+        proxy_protocol = "v2"
     return TunnelConfig(
         name=name,
         mode=mode,
@@ -338,6 +349,8 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         source=path,
         allow=allow,
         limits=limits,
+        status=status,
+        proxy_protocol=proxy_protocol,
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +14,11 @@ from typing import Any
 
 import trio
 
-from tunnel.config import ConfigError, TunnelConfig, find_files, load_paths
+from tunnel.config import Address, ConfigError, TunnelConfig, find_files, load_paths
+from tunnel.logs import event
+from tunnel.metrics import PrometheusMetrics
+from tunnel.notify import Notifier
+from tunnel.status import StatusServer
 from tunnel.tls import check_certificates
 from tunnel.tunnel import Tunnel, TunnelState
 from tunnel.watch import DEFAULT_INTERVAL, watch
@@ -34,15 +38,30 @@ class Daemon:
     """The tunnels of one `tunnel run`, and what signals and file changes do to them."""
 
     def __init__(
-        self, paths: Sequence[Path], states: Sequence[TunnelState], *, watch_interval: float = DEFAULT_INTERVAL
+        self,
+        paths: Sequence[Path],
+        states: Sequence[TunnelState],
+        *,
+        watch_interval: float = DEFAULT_INTERVAL,
+        status: Sequence[Address] = (),
+        notifier: Notifier | None = None,
     ) -> None:
         self.paths = list(paths)
-        self.tunnels = [Tunnel(state) for state in states]
+        self.tunnels: list[Tunnel] = []
+        self._retiring: list[Tunnel] = []  # stopped by a reload, still draining
+        self.metrics = PrometheusMetrics(self.all_tunnels)
+        self.tunnels = [Tunnel(state, self.metrics) for state in states]
         self.watch_interval = watch_interval
+        self.notifier = notifier or Notifier()
+        addresses = [*status, *(s.config.status for s in states if s.config.status is not None)]
+        self.status_addresses = list(dict.fromkeys(addresses))  # each once, in order
         self.reloads = 0
         self._stopping = False
-        self._retiring: list[Tunnel] = []  # stopped by a reload, still draining
         self._tunnel_nursery: trio.Nursery | None = None
+
+    def all_tunnels(self) -> list[Tunnel]:
+        """Serving tunnels first, then those a reload stopped that are still draining."""
+        return [*self.tunnels, *self._retiring]
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind every tunnel, report their addresses (name → sockname), serve until a
@@ -60,10 +79,14 @@ class Daemon:
                     if self.watch_interval > 0:
                         helpers.start_soon(self._watch_files)
                     helpers.start_soon(self._warn_about_expiry)
-                    log.info("ready tunnels=%d", len(self.tunnels))
+                    status_server = StatusServer(self.all_tunnels, self.metrics)
+                    for address in self.status_addresses:
+                        addresses[f"status {address}"] = await helpers.start(status_server.serve, address)
+                    event(logging.INFO, "ready", "ready tunnels=%d", len(self.tunnels))
+                    self.notifier.ready(f"{len(self.tunnels)} tunnels listening")
                     task_status.started(addresses)
                 helpers.cancel_scope.cancel()
-        log.info("stopped")
+        event(logging.INFO, "stopped", "stopped")
 
     # -- signals -------------------------------------------------------------------
 
@@ -82,6 +105,7 @@ class Daemon:
 
     def stop(self) -> None:
         self._stopping = True
+        self.notifier.stopping()
         for tunnel in [*self.tunnels, *self._retiring]:
             tunnel.stop()
 
@@ -92,14 +116,21 @@ class Daemon:
         first; only then swap it in. On any failure nothing changes."""
         if self._stopping:
             return False
+        self.notifier.reloading()
+        ok = await self._reload()
+        self.metrics.reloaded(ok, time.time())
+        self.notifier.ready(f"{len(self.tunnels)} tunnels listening")
+        return ok
+
+    async def _reload(self) -> bool:
         try:
             states = {state.config.name: state for state in build_states(load_paths(self.paths))}
         except ConfigError as exc:
-            log.error("reload failed, still serving the previous configuration: %s", exc)
+            _reload_failed(exc)
             return False
         current = {tunnel.name: tunnel for tunnel in self.tunnels}
         starting = [
-            Tunnel(state)
+            Tunnel(state, self.metrics)
             for name, state in states.items()
             if name not in current or current[name].state.config.listen != state.config.listen
         ]
@@ -109,7 +140,7 @@ class Daemon:
             except OSError as exc:
                 for bound in starting[:index]:
                     bound.close_listener()
-                log.error("reload failed, still serving the previous configuration: %s", exc)
+                _reload_failed(exc)
                 return False
 
         kept: list[Tunnel] = []
@@ -138,7 +169,7 @@ class Daemon:
         for tunnel in self.tunnels:
             for warning in tunnel.state.warnings:
                 log.warning("certificate expires soon: %s", warning)
-        log.info("reloaded tunnels=%d", len(self.tunnels))
+        event(logging.INFO, "reloaded", "reloaded tunnels=%d", len(self.tunnels))
         return True
 
     def _watched(self) -> tuple[list[Path], list[Path]]:
@@ -182,10 +213,11 @@ class Daemon:
             await trio.sleep(EXPIRY_CHECK_EVERY)
 
 
-def setup_logging(log_format: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger("tunnel")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
+def _reload_failed(exc: Exception) -> None:
+    event(
+        logging.ERROR,
+        "reload_failed",
+        "reload failed, still serving the previous configuration: %s",
+        exc,
+        reason=str(exc),
+    )

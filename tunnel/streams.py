@@ -32,6 +32,7 @@ fast peer cannot starve the other tasks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import ssl
 import struct
@@ -132,10 +133,7 @@ class PlainStream(_SocketIO):
         await self._send_raw(data)
 
     async def send_eof(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise StreamBroken(_os_reason(exc)) from exc
+        _shutdown_write(self.sock)
 
 
 class TLSStream(_SocketIO):
@@ -274,18 +272,24 @@ class TLSStream(_SocketIO):
         await self._flush()
 
     async def send_eof(self) -> None:
-        """Send close_notify; receiving goes on."""
+        """Send close_notify; receiving goes on. After the peer ended without one (an
+        unclean EOF, which OpenSSL treats as fatal) no TLS record can be sent any more:
+        end with a bare TCP FIN instead, as the peer did."""
         if self._eof_sent:
             return
         self._eof_sent = True
-        self._decrypt_waiting_records()
-        try:
-            self.ssl.unwrap()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            pass  # close_notify is queued; the peer's may come later
-        except ssl.SSLError as exc:
-            raise StreamBroken(_ssl_reason(exc)) from exc
-        await self._flush()
+        if not self.unclean_eof:
+            self._decrypt_waiting_records()
+        if not self.unclean_eof:
+            try:
+                self.ssl.unwrap()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass  # close_notify is queued; the peer's may come later
+            except ssl.SSLError as exc:
+                raise StreamBroken(_ssl_reason(exc)) from exc
+            await self._flush()
+        if self.unclean_eof:
+            _shutdown_write(self.sock)
 
     def _decrypt_waiting_records(self) -> None:
         """Empty the incoming BIO into the overflow buffer (see the module docstring)."""
@@ -319,6 +323,15 @@ class TLSStream(_SocketIO):
         finally:
             self._sending = False
             self._send_done.unpark_all()
+
+
+def _shutdown_write(sock: socket.socket) -> None:
+    """TCP FIN. A peer that has already gone entirely (ENOTCONN) needs no telling."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise StreamBroken(_os_reason(exc)) from exc
 
 
 def _read_into(obj: ssl.SSLObject, view: memoryview) -> int:

@@ -189,3 +189,15 @@ def chains_to(cert_der: bytes, trust: Trust) -> bool:
     """Whether a peer's leaf certificate was issued by one of the tunnel's CA certificates."""
     cert = x509.load_der_x509_certificate(cert_der)
     return any(_issued_by(cert, ca) for ca in trust.ca_certs)
+
+
+def certificate_expiries(config: TunnelConfig) -> list[tuple[Path, datetime]]:
+    """(file, not-after) for the tunnel's certificate and its CA file (the earliest expiry
+    among the certificates in it)."""
+    tls = config.tls
+    cert = _load_certificate(config.source, "tls.cert", tls.cert)
+    cas = _load_certificates(config.source, "tls.ca", tls.ca)
+    return [
+        (tls.cert, cert.not_valid_after_utc),
+        (tls.ca, min(ca.not_valid_after_utc for ca in cas)),
+    ]

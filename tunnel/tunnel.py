@@ -17,15 +17,20 @@ import socket
 import ssl
 import stat
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from tunnel.config import Address, TunnelConfig
 from tunnel.identity import Identity, decide, identity_from_der
+from tunnel.logs import event
+from tunnel.metrics import Metrics, NoMetrics
+from tunnel.proxy_protocol import v2_header
 from tunnel.relay import RelayStats, relay
 from tunnel.streams import PlainStream, StreamBroken, TLSStream
-from tunnel.tls import Trust, build_context, chains_to, check_certificates, load_trust
+from tunnel.tls import Trust, build_context, certificate_expiries, chains_to, check_certificates, load_trust
 
 log = logging.getLogger("tunnel")
 
@@ -41,6 +46,7 @@ class TunnelState:
     context: ssl.SSLContext
     trust: Trust
     warnings: tuple[str, ...] = ()
+    expiries: tuple[tuple[Path, datetime], ...] = ()  # (file, not-after) for cert and CA
     # Client mode: the last TLS session per target, to resume instead of a full handshake.
     # Tied to `context`, so a reload (a new context) starts empty.
     sessions: dict[Address, ssl.SSLSession] = field(default_factory=dict, compare=False)
@@ -50,7 +56,13 @@ class TunnelState:
         """Validate everything the config names (ConfigError on the first problem)."""
         context = build_context(config)
         warnings = check_certificates(config)
-        return cls(config=config, context=context, trust=load_trust(config), warnings=tuple(warnings))
+        return cls(
+            config=config,
+            context=context,
+            trust=load_trust(config),
+            warnings=tuple(warnings),
+            expiries=tuple(certificate_expiries(config)),
+        )
 
     def still_admits(self, conn: Connection) -> str | None:
         """Why an open connection's peer is no longer acceptable under this state, or None."""
@@ -103,6 +115,7 @@ class Connection:
     since: float
     identity: Identity | None = None
     peer_der: bytes | None = None
+    address: Any = None  # the peer's socket address as accept() returned it
     stats: RelayStats = field(default_factory=RelayStats)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -110,16 +123,26 @@ class Connection:
 class Tunnel:
     """A listener and its connections. `state` may be replaced at any time (reload)."""
 
-    def __init__(self, state: TunnelState) -> None:
+    def __init__(self, state: TunnelState, metrics: Metrics | None = None) -> None:
         self.state = state
         self.name = state.config.name
+        self.metrics: Metrics = metrics or NoMetrics()
         self.connections: dict[int, Connection] = {}
+        self._closed_bytes = [0, 0]  # in, out: of connections that have ended
         self.listening = False
         self._slots = _Slots(state.config.limits.max_connections)
         self._stop_accepting = trio.CancelScope()
         self._connections_scope: trio.CancelScope | None = None
         self._listener: socket.socket | None = None
         self._drain = True
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """Bytes relayed so far (in = towards the target), ended and open connections alike."""
+        bytes_in, bytes_out = self._closed_bytes
+        for conn in self.connections.values():
+            bytes_in += conn.stats.bytes_in
+            bytes_out += conn.stats.bytes_out
+        return bytes_in, bytes_out
 
     def bind(self) -> None:
         """Bind the listen address now (OSError naming the tunnel if it cannot)."""
@@ -146,19 +169,30 @@ class Tunnel:
                 with self._stop_accepting:
                     self.listening = True
                     task_status.started(listener.getsockname())
-                    log.info(
+                    event(
+                        logging.INFO,
+                        "listening",
                         "listening tunnel=%s mode=%s listen=%s target=%s",
                         self.name,
                         self.state.config.mode,
                         _format_sockname(listener),
                         ",".join(str(t) for t in self.state.config.targets),
+                        tunnel=self.name,
                     )
                     await self._accept_loop(listener, connections)
                 self.listening = False
                 _close_listener(listener, self.state.config.listen)
                 if self.connections:
-                    log.info("draining tunnel=%s open=%d", self.name, len(self.connections))
-                connections.cancel_scope.deadline = trio.current_time() + self.state.config.limits.drain_timeout
+                    event(
+                        logging.INFO,
+                        "draining",
+                        "draining tunnel=%s open=%d",
+                        self.name,
+                        len(self.connections),
+                        tunnel=self.name,
+                    )
+                if self._drain:
+                    connections.cancel_scope.deadline = trio.current_time() + self.state.config.limits.drain_timeout
         finally:
             self.listening = False
             _close_listener(listener, self.state.config.listen)
@@ -186,12 +220,18 @@ class Tunnel:
             why = self.state.still_admits(conn)
             if why is not None:
                 conn.stats.why = f"closed on reload: {why}"
-                log.warning(
+                event(
+                    logging.WARNING,
+                    "closing",
                     "closing tunnel=%s peer=%s identity=%s: %s",
                     self.name,
                     conn.peer,
                     conn.identity.describe() if conn.identity else "-",
                     why,
+                    tunnel=self.name,
+                    peer=conn.peer,
+                    identity=conn.identity.describe() if conn.identity else None,
+                    reason=why,
                 )
                 conn.cancel_scope.cancel()
 
@@ -211,10 +251,11 @@ class Tunnel:
             except BaseException:
                 self._slots.release()
                 raise
-            nursery.start_soon(self._handle, sock, _format_peer(address))
+            nursery.start_soon(self._handle, sock, address)
 
-    async def _handle(self, sock: socket.socket, peer: str) -> None:
-        conn = Connection(id=next(_ids), peer=peer, since=trio.current_time())
+    async def _handle(self, sock: socket.socket, address: Any) -> None:
+        peer = _format_peer(address)
+        conn = Connection(id=next(_ids), peer=peer, since=trio.current_time(), address=address)
         state = self.state
         try:
             with conn.cancel_scope:
@@ -225,11 +266,18 @@ class Tunnel:
                     await self._serve_plain_client(state, sock, conn)
             if conn.cancel_scope.cancelled_caught and not conn.stats.why:
                 conn.stats.why = "closed by the daemon"
-                _log_closed(self.name, conn)
+                self._log_closed(conn)
         except Exception:
-            log.exception("error tunnel=%s peer=%s (connection dropped)", self.name, peer)
+            log.exception(
+                "error tunnel=%s peer=%s (connection dropped)",
+                self.name,
+                peer,
+                extra={"event": "error", "fields": {"tunnel": self.name, "peer": peer}},
+            )
         finally:
             self.connections.pop(conn.id, None)
+            self._closed_bytes[0] += conn.stats.bytes_in
+            self._closed_bytes[1] += conn.stats.bytes_out
             self._slots.release()
             sock.close()
 
@@ -237,26 +285,28 @@ class Tunnel:
         """Server mode: handshake, decide, dial, relay."""
         config = state.config
         client = TLSStream(sock, state.context, server_side=True)
+        started = trio.current_time()
         try:
             with trio.fail_after(config.limits.handshake_timeout):
                 await client.do_handshake()
         except trio.TooSlowError:
-            _log_refused(self.name, conn.peer, "handshake timeout")
+            self._log_refused(conn, "handshake timeout")
             client.abort()
             return
         except ssl.SSLError as exc:
-            _log_refused(self.name, conn.peer, handshake_failure_reason(exc))
+            self._log_refused(conn, handshake_failure_reason(exc))
             # The alert has been sent: close with a FIN, not a reset, so a client that
             # writes before it reads still finds the alert waiting (TLS 1.3).
             client.close()
             return
         except StreamBroken as exc:
-            _log_refused(self.name, conn.peer, f"during handshake: {exc}")
+            self._log_refused(conn, f"during handshake: {exc}")
             client.abort()
             return
+        self.metrics.handshake_seconds(self.name, trio.current_time() - started)
         der = client.peer_certificate()
         if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than trust that
-            _log_refused(self.name, conn.peer, "no certificate")
+            self._log_refused(conn, "no certificate")
             client.abort()
             return
         conn.identity = identity_from_der(der)
@@ -264,33 +314,36 @@ class Tunnel:
         assert config.allow is not None
         decision = decide(conn.identity, config.allow)
         if not decision.allowed:
-            _log_refused(self.name, conn.peer, decision.reason, conn.identity)
+            self._log_refused(conn, decision.reason, conn.identity)
             client.abort()
             return
         try:
-            target_sock, target = await dial_any(config.targets, config.limits.connect_timeout)
+            target_sock, target = await self._dial(config)
         except TargetUnavailable as exc:
-            _log_target_down(self.name, conn, str(exc))
+            self._log_target_down(conn, str(exc))
             client.abort()
             return
-        log.info(
-            "opened tunnel=%s peer=%s identity=%s tls=%s target=%s",
-            self.name,
-            conn.peer,
-            conn.identity.describe(),
-            client.describe_tls(),
-            target,
-        )
-        await self._relay(client, PlainStream(target_sock), conn)
+        self._log_opened(conn, client.describe_tls(), target=str(target))
+        target_stream = PlainStream(target_sock)
+        if config.proxy_protocol == "v2":
+            try:
+                await target_stream.send_all(_proxy_header(sock, conn, client))
+            except StreamBroken as exc:
+                conn.stats.why = f"target: {exc}"
+                client.abort()
+                target_stream.abort()
+                self._log_closed(conn)
+                return
+        await self._relay(client, target_stream, conn)
 
     async def _serve_plain_client(self, state: TunnelState, sock: socket.socket, conn: Connection) -> None:
         """Client mode: dial, handshake with the server, relay."""
         config = state.config
         client = PlainStream(sock)
         try:
-            target_sock, target = await dial_any(config.targets, config.limits.connect_timeout)
+            target_sock, target = await self._dial(config)
         except TargetUnavailable as exc:
-            _log_target_down(self.name, conn, str(exc))
+            self._log_target_down(conn, str(exc))
             client.abort()
             return
         server = TLSStream(
@@ -300,6 +353,7 @@ class Tunnel:
             server_hostname=config.tls.server_name or target.host,
             session=state.sessions.get(target),
         )
+        started = trio.current_time()
         try:
             with trio.fail_after(config.limits.handshake_timeout):
                 await server.do_handshake()
@@ -309,21 +363,15 @@ class Tunnel:
                 if isinstance(exc, trio.TooSlowError)
                 else (handshake_failure_reason(exc) if isinstance(exc, ssl.SSLError) else str(exc))
             )
-            log.warning("refused: server %s: %s tunnel=%s peer=%s", target, reason, self.name, conn.peer)
+            self._log_refused(conn, f"server {target}: {reason}")
             server.abort()
             client.abort()
             return
+        self.metrics.handshake_seconds(self.name, trio.current_time() - started)
         der = server.peer_certificate()
         conn.identity = identity_from_der(der) if der else None
         conn.peer_der = der
-        log.info(
-            "opened tunnel=%s peer=%s server=%s identity=%s tls=%s",
-            self.name,
-            conn.peer,
-            target,
-            conn.identity.describe() if conn.identity else "-",
-            server.describe_tls(),
-        )
+        self._log_opened(conn, server.describe_tls(), server=str(target))
         try:
             await self._relay(client, server, conn)
         finally:
@@ -350,7 +398,95 @@ class Tunnel:
                 dialled.abort()
             if not conn.stats.why:
                 conn.stats.why = "closed by the daemon"
-            _log_closed(self.name, conn)
+            self._log_closed(conn)
+
+    async def _dial(self, config: TunnelConfig) -> tuple[socket.socket, Address]:
+        started = trio.current_time()
+        result = await dial_any(config.targets, config.limits.connect_timeout)
+        self.metrics.connect_seconds(self.name, trio.current_time() - started)
+        return result
+
+    # -- the story of each connection, for the log and the counters ----------------------
+
+    def _log_opened(self, conn: Connection, tls: str, **where: str) -> None:
+        self.metrics.opened(self.name)
+        identity = conn.identity.describe() if conn.identity else "-"
+        place = " ".join(f"{key}={value}" for key, value in where.items())
+        event(
+            logging.INFO,
+            "opened",
+            "opened tunnel=%s peer=%s identity=%s tls=%s %s",
+            self.name,
+            conn.peer,
+            identity,
+            tls,
+            place,
+            tunnel=self.name,
+            peer=conn.peer,
+            identity=identity,
+            tls=tls,
+            **where,
+        )
+
+    def _log_refused(self, conn: Connection, reason: str, identity: Identity | None = None) -> None:
+        self.metrics.refused(self.name, reason)
+        who = f" identity={identity.describe()}" if identity else ""
+        event(
+            logging.WARNING,
+            "refused",
+            "refused: %s tunnel=%s peer=%s%s",
+            reason,
+            self.name,
+            conn.peer,
+            who,
+            tunnel=self.name,
+            peer=conn.peer,
+            identity=identity.describe() if identity else None,
+            reason=reason,
+        )
+
+    def _log_target_down(self, conn: Connection, why: str) -> None:
+        conn.stats.why = f"target unavailable: {why}"
+        self.metrics.closed(self.name, conn.stats.why)
+        event(
+            logging.ERROR,
+            "target_unavailable",
+            "target unavailable tunnel=%s peer=%s: %s",
+            self.name,
+            conn.peer,
+            why,
+            tunnel=self.name,
+            peer=conn.peer,
+            identity=conn.identity.describe() if conn.identity else None,
+            reason=why,
+        )
+
+    def _log_closed(self, conn: Connection) -> None:
+        stats = conn.stats
+        self.metrics.closed(self.name, stats.why)
+        identity = conn.identity.describe() if conn.identity else "-"
+        duration = trio.current_time() - conn.since
+        event(
+            logging.INFO,
+            "closed",
+            "closed tunnel=%s peer=%s identity=%s in=%d out=%d duration=%.3fs why=%s%s",
+            self.name,
+            conn.peer,
+            identity,
+            stats.bytes_in,
+            stats.bytes_out,
+            duration,
+            stats.why,
+            " (unclean close: no TLS close_notify)" if stats.unclean else "",
+            tunnel=self.name,
+            peer=conn.peer,
+            identity=identity,
+            bytes_in=stats.bytes_in,
+            bytes_out=stats.bytes_out,
+            duration=round(duration, 3),
+            reason=stats.why,
+            unclean=stats.unclean,
+        )
 
 
 # -- sockets ---------------------------------------------------------------------------
@@ -421,7 +557,15 @@ async def _accept(listener: socket.socket, name: str) -> tuple[socket.socket, An
         except OSError as exc:
             if exc.errno in _ACCEPT_RETRY_ERRNOS:
                 if failures % 50 == 0:
-                    log.error("accept failed tunnel=%s: %s; retrying every 100ms", name, exc.strerror)
+                    event(
+                        logging.ERROR,
+                        "accept_failed",
+                        "accept failed tunnel=%s: %s; retrying every 100ms",
+                        name,
+                        exc.strerror,
+                        tunnel=name,
+                        reason=exc.strerror,
+                    )
                 failures += 1
                 await trio.sleep(0.1)
                 continue
@@ -429,7 +573,14 @@ async def _accept(listener: socket.socket, name: str) -> tuple[socket.socket, An
                 continue
             raise
         if failures:
-            log.warning("accept recovered tunnel=%s after %d retries", name, failures)
+            event(
+                logging.WARNING,
+                "accept_recovered",
+                "accept recovered tunnel=%s after %d retries",
+                name,
+                failures,
+                tunnel=name,
+            )
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):  # already reset by the peer: the handshake will tell
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -543,30 +694,17 @@ def _format_peer(address: Any) -> str:
     return "unix" if not address else f"unix:{address}"
 
 
+def _proxy_header(sock: socket.socket, conn: Connection, client: TLSStream) -> bytes:
+    """PROXY v2: the client's address, the address it connected to, TLS version and CN."""
+    tcp = isinstance(conn.address, tuple)
+    return v2_header(
+        (conn.address[0], conn.address[1]) if tcp else None,
+        (sock.getsockname()[0], sock.getsockname()[1]) if tcp else None,
+        tls_version=client.version(),
+        common_name=conn.identity.cn if conn.identity else None,
+        cert_in_session=True,
+    )
+
+
 def _format_sockname(sock: socket.socket) -> str:
     return _format_peer(sock.getsockname())
-
-
-def _log_refused(name: str, peer: str, reason: str, identity: Identity | None = None) -> None:
-    who = f" identity={identity.describe()}" if identity else ""
-    log.warning("refused: %s tunnel=%s peer=%s%s", reason, name, peer, who)
-
-
-def _log_target_down(name: str, conn: Connection, why: str) -> None:
-    conn.stats.why = f"target unavailable: {why}"
-    log.error("target unavailable tunnel=%s peer=%s: %s", name, conn.peer, why)
-
-
-def _log_closed(name: str, conn: Connection) -> None:
-    stats = conn.stats
-    log.info(
-        "closed tunnel=%s peer=%s identity=%s in=%d out=%d duration=%.3fs why=%s%s",
-        name,
-        conn.peer,
-        conn.identity.describe() if conn.identity else "-",
-        stats.bytes_in,
-        stats.bytes_out,
-        trio.current_time() - conn.since,
-        stats.why,
-        " (unclean close: no TLS close_notify)" if stats.unclean else "",
-    )

@@ -97,3 +97,18 @@ async def test_send_all_after_send_eof_is_refused(pki_files: PKI) -> None:
             pass
         else:
             raise AssertionError("send_all after send_eof must fail")
+
+
+async def test_send_eof_after_an_unclean_eof_ends_with_a_tcp_fin(pki_files: PKI) -> None:
+    """The peer left without close_notify; answering data and our own EOF still get through."""
+    async with connected(pki_files) as (ours, peer):
+        await peer.send_all(b"bye")
+        await peer.transport_stream.send_eof()  # FIN, no close_notify
+        with trio.fail_after(5):
+            assert await ours.receive_some() == b"bye"
+            assert await ours.receive_some() == b""
+            assert ours.unclean_eof
+            await ours.send_eof()
+            raw = peer.transport_stream
+            while await raw.receive_some():  # session tickets it never read, then...
+                pass  # ...a plain FIN: the loop ends instead of timing out

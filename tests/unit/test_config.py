@@ -471,8 +471,11 @@ BAD: list[tuple[str, object, str, str]] = [
     ("unknown-tls-key", _with(S, "tls.foo", 1), "tls.foo", "unknown key"),
     ("unknown-limits-key", {**S, "limits": {"bar": 1}}, "limits.bar", "unknown key"),
     ("unknown-allow-key", _with(S, "allow.baz", ["x"]), "allow.baz", "unknown key"),
-    ("reserved-status", {**S, "status": "127.0.0.1:9000"}, "status", "not supported by this version"),
-    ("reserved-proxy-protocol", {**S, "proxy_protocol": True}, "proxy_protocol", "not supported"),
+    ("status-unix", {**S, "status": "unix:/run/x.sock"}, "status", "expected HOST:PORT"),
+    ("status-garbage", {**S, "status": 9000}, "status", "expected HOST:PORT"),
+    ("proxy-protocol-v1", {**S, "proxy_protocol": "v1"}, "proxy_protocol", "expected v2"),
+    ("proxy-protocol-bool", {**S, "proxy_protocol": True}, "proxy_protocol", "expected v2"),
+    ("proxy-protocol-client", {**C, "proxy_protocol": "v2"}, "proxy_protocol", "only for server mode"),
     # name
     ("name-with-space", {**S, "name": "redis in"}, "name", "use letters, digits"),
     ("name-starts-with-dot", {**S, "name": ".hidden"}, "name", "use letters, digits"),

@@ -1,0 +1,172 @@
+"""What the tunnels count, and its Prometheus text: counters pushed by the tunnels,
+gauges read from the daemon's state at scrape time.
+
+The tunnels call a `Metrics` object passed to them; `NoMetrics` does nothing (tests, and a
+daemon without a status address). Bytes, active connections and certificate times are not
+pushed at all: the collector reads them from the live tunnels when /metrics is scraped, so
+the byte pump pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from tunnel.tunnel import Tunnel
+
+_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics(Protocol):
+    def opened(self, tunnel: str) -> None: ...
+    def closed(self, tunnel: str, why: str) -> None: ...
+    def refused(self, tunnel: str, reason: str) -> None: ...
+    def handshake_seconds(self, tunnel: str, seconds: float) -> None: ...
+    def connect_seconds(self, tunnel: str, seconds: float) -> None: ...
+    def reloaded(self, ok: bool, when: float) -> None: ...
+
+
+class NoMetrics:
+    """Counts nothing."""
+
+    def opened(self, tunnel: str) -> None:
+        pass
+
+    def closed(self, tunnel: str, why: str) -> None:
+        pass
+
+    def refused(self, tunnel: str, reason: str) -> None:
+        pass
+
+    def handshake_seconds(self, tunnel: str, seconds: float) -> None:
+        pass
+
+    def connect_seconds(self, tunnel: str, seconds: float) -> None:
+        pass
+
+    def reloaded(self, ok: bool, when: float) -> None:
+        pass
+
+
+def refusal_label(reason: str) -> str:
+    """A bounded label for a refusal reason: `not allowed: matches none of ...` → `not allowed`."""
+    return reason.split(":", 1)[0].split(" (", 1)[0].strip() or "unknown"
+
+
+def close_label(why: str) -> str:
+    """A bounded label for why a connection ended."""
+    if why == "both sides closed":
+        return "done"
+    if why.startswith("idle for"):
+        return "idle"
+    if why.startswith("client:"):
+        return "client error"
+    if why.startswith("target:"):
+        return "target error"
+    if why.startswith("closed on reload"):
+        return "reload"
+    if why.startswith("target unavailable"):
+        return "target unavailable"
+    return "shutdown"
+
+
+class PrometheusMetrics:
+    """Metrics kept in a registry of its own (never the process-wide default)."""
+
+    def __init__(self, tunnels: Callable[[], Sequence[Tunnel]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._opened = Counter("tunnel_connections_opened", "Connections relayed.", ["tunnel"], registry=r)
+        self._closed = Counter(
+            "tunnel_connections_closed", "Connections ended, by why.", ["tunnel", "reason"], registry=r
+        )
+        self._refused = Counter(
+            "tunnel_connections_refused", "Connections refused, by reason.", ["tunnel", "reason"], registry=r
+        )
+        self._handshake = Histogram(
+            "tunnel_handshake_duration_seconds",
+            "TLS handshake time.",
+            ["tunnel"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self._connect = Histogram(
+            "tunnel_connect_duration_seconds",
+            "Time to connect to the target.",
+            ["tunnel"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self._reloads = Counter("tunnel_reloads", "Reloads, by result.", ["result"], registry=r)
+        self._last_reload_ok = Gauge("tunnel_last_reload_success", "1 if the last reload succeeded.", registry=r)
+        self._last_reload_time = Gauge(
+            "tunnel_last_reload_timestamp_seconds", "When the last reload was attempted.", registry=r
+        )
+        self._last_reload_ok.set(1)
+        r.register(_LiveCollector(tunnels))
+
+    def opened(self, tunnel: str) -> None:
+        self._opened.labels(tunnel).inc()
+
+    def closed(self, tunnel: str, why: str) -> None:
+        self._closed.labels(tunnel, close_label(why)).inc()
+
+    def refused(self, tunnel: str, reason: str) -> None:
+        self._refused.labels(tunnel, refusal_label(reason)).inc()
+
+    def handshake_seconds(self, tunnel: str, seconds: float) -> None:
+        self._handshake.labels(tunnel).observe(seconds)
+
+    def connect_seconds(self, tunnel: str, seconds: float) -> None:
+        self._connect.labels(tunnel).observe(seconds)
+
+    def reloaded(self, ok: bool, when: float) -> None:
+        self._reloads.labels("success" if ok else "failure").inc()
+        self._last_reload_ok.set(1 if ok else 0)
+        self._last_reload_time.set(when)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector(Collector):
+    """Reads bytes, active connections and certificate times off the running tunnels."""
+
+    def __init__(self, tunnels: Callable[[], Sequence[Tunnel]]) -> None:
+        self._tunnels = tunnels
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        return list(self._collect())
+
+    def _collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        tunnels = self._tunnels()
+        active = GaugeMetricFamily("tunnel_active_connections", "Connections open now.", labels=["tunnel"])
+        listening = GaugeMetricFamily("tunnel_listening", "1 if the tunnel is accepting.", labels=["tunnel"])
+        moved = CounterMetricFamily(
+            "tunnel_bytes", "Bytes relayed: in = towards the target, out = back.", labels=["tunnel", "direction"]
+        )
+        not_after = GaugeMetricFamily(
+            "tunnel_certificate_not_after_timestamp_seconds",
+            "When each certificate a tunnel uses expires.",
+            labels=["tunnel", "file"],
+        )
+        crl = GaugeMetricFamily(
+            "tunnel_crl_next_update_timestamp_seconds", "When the tunnel's CRL must be replaced.", labels=["tunnel"]
+        )
+        for tunnel in tunnels:
+            name = tunnel.name
+            active.add_metric([name], len(tunnel.connections))
+            listening.add_metric([name], 1 if tunnel.listening else 0)
+            bytes_in, bytes_out = tunnel.bytes_moved()
+            moved.add_metric([name, "in"], bytes_in)
+            moved.add_metric([name, "out"], bytes_out)
+            for path, when in tunnel.state.expiries:
+                not_after.add_metric([name, str(path)], when.timestamp())
+            if tunnel.state.trust.crl_next_update is not None:
+                crl.add_metric([name], tunnel.state.trust.crl_next_update.timestamp())
+        yield from (active, listening, moved, not_after, crl)
