@@ -198,8 +198,24 @@ def _address(value: str) -> Address:
 )
 @click.option("--status", "status", multiple=True, metavar="HOST:PORT", help="Serve /healthz, /metrics, /connections.")
 @click.option("--watch-interval", type=float, default=1.0, hidden=True, help="Seconds between file checks; 0 = off.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Processes sharing every listener (SO_REUSEPORT). Default: the largest `workers:` in the files, or 1.",
+)
+@click.option("--worker", is_flag=True, hidden=True, help="Run as one worker of a supervisor.")
+@click.option("--worker-status", hidden=True, type=click.Path(path_type=Path), help="A worker's private status socket.")
 @_paths_argument
-def run(paths: tuple[Path, ...], log_format: str, status: tuple[str, ...], watch_interval: float) -> None:
+def run(
+    paths: tuple[Path, ...],
+    log_format: str,
+    status: tuple[str, ...],
+    watch_interval: float,
+    workers: int | None,
+    worker: bool,
+    worker_status: Path | None,
+) -> None:
     """Run every tunnel named (files, or directories of *.yaml) until SIGTERM/SIGINT."""
     import trio
 
@@ -208,8 +224,23 @@ def run(paths: tuple[Path, ...], log_format: str, status: tuple[str, ...], watch
 
     addresses = [_address(value) for value in status]
     logs.setup(log_format)
-    states = build_states(load_paths(paths))
-    trio.run(Daemon(paths, states, watch_interval=watch_interval, status=addresses).run)
+    configs = load_paths(paths)
+    states = build_states(configs)
+    count = workers if workers is not None else max(config.workers for config in configs)
+    if worker:
+        private = [Address(path=str(worker_status))] if worker_status else []
+        trio.run(Daemon(paths, states, watch_interval=0, status=private, worker=True).run)
+    elif count > 1:
+        from tunnel.workers import Supervisor, check_listen_addresses, check_ports_free
+
+        check_listen_addresses(configs)
+        check_ports_free(configs)
+        supervisor = Supervisor(
+            paths, configs, workers=count, log_format=log_format, status=addresses, watch_interval=watch_interval
+        )
+        trio.run(supervisor.run)
+    else:
+        trio.run(Daemon(paths, states, watch_interval=watch_interval, status=addresses).run)
 
 
 @main.command()

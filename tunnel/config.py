@@ -81,6 +81,7 @@ class TunnelConfig:
     limits: Limits = field(default_factory=Limits)
     status: Address | None = None  # where to serve /healthz, /metrics, /connections
     proxy_protocol: Literal["v2"] | None = None
+    workers: int = 1  # processes for the whole daemon (the largest any file asks for)
 
 
 TOP_KEYS = {
@@ -93,6 +94,7 @@ TOP_KEYS = {
     "limits",
     "status",
     "proxy_protocol",
+    "workers",
 }
 TLS_KEYS = {"cert", "key", "ca", "crl", "server_name", "min_version"}
 ALLOW_KEYS = {"cn", "dns", "uri", "ou", "fingerprint", "any"}
@@ -340,6 +342,9 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         if mode != "server":
             raise r.error("proxy_protocol", "only for server mode")
         proxy_protocol = "v2"
+    workers = top.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
+        raise r.error("workers", f"expected a whole number from 1 to 256, not {_show(workers)}")
     return TunnelConfig(
         name=name,
         mode=mode,
@@ -351,6 +356,7 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         limits=limits,
         status=status,
         proxy_protocol=proxy_protocol,
+        workers=workers,
     )
 
 

@@ -27,6 +27,7 @@ log = logging.getLogger("tunnel")
 
 EXPIRY_CHECK_EVERY = 24 * 3600.0
 CRL_WARNING = timedelta(days=7)
+DUPLICATE_WINDOW = 1.0  # seconds in which a worker treats a repeated stop signal as the same one
 
 
 def build_states(configs: Sequence[TunnelConfig]) -> list[TunnelState]:
@@ -45,18 +46,23 @@ class Daemon:
         watch_interval: float = DEFAULT_INTERVAL,
         status: Sequence[Address] = (),
         notifier: Notifier | None = None,
+        worker: bool = False,
     ) -> None:
         self.paths = list(paths)
         self.tunnels: list[Tunnel] = []
         self._retiring: list[Tunnel] = []  # stopped by a reload, still draining
         self.metrics = PrometheusMetrics(self.all_tunnels)
-        self.tunnels = [Tunnel(state, self.metrics) for state in states]
+        self.worker = worker  # one of several processes: listeners use SO_REUSEPORT
+        self.tunnels = [Tunnel(state, self.metrics, reuse_port=worker) for state in states]
         self.watch_interval = watch_interval
         self.notifier = notifier or Notifier()
-        addresses = [*status, *(s.config.status for s in states if s.config.status is not None)]
+        addresses = [*status]
+        if not worker:  # a worker serves only the private status address its supervisor gave it
+            addresses += [s.config.status for s in states if s.config.status is not None]
         self.status_addresses = list(dict.fromkeys(addresses))  # each once, in order
         self.reloads = 0
         self._stopping = False
+        self._stop_time = 0.0
         self._tunnel_nursery: trio.Nursery | None = None
 
     def all_tunnels(self) -> list[Tunnel]:
@@ -95,6 +101,8 @@ class Daemon:
             if signum == signal.SIGHUP:
                 log.info("reloading on SIGHUP")
                 await self.reload()
+            elif self.worker and self._stopping and time.monotonic() - self._stop_time < DUPLICATE_WINDOW:
+                continue  # the same stop reaching a worker twice (service manager and supervisor)
             elif not self._stopping:
                 log.info("stopping on %s: no new connections; draining open ones", signal.Signals(signum).name)
                 self.stop()
@@ -105,6 +113,7 @@ class Daemon:
 
     def stop(self) -> None:
         self._stopping = True
+        self._stop_time = time.monotonic()
         self.notifier.stopping()
         for tunnel in [*self.tunnels, *self._retiring]:
             tunnel.stop()
@@ -130,7 +139,7 @@ class Daemon:
             return False
         current = {tunnel.name: tunnel for tunnel in self.tunnels}
         starting = [
-            Tunnel(state, self.metrics)
+            Tunnel(state, self.metrics, reuse_port=self.worker)
             for name, state in states.items()
             if name not in current or current[name].state.config.listen != state.config.listen
         ]

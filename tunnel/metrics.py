@@ -170,3 +170,45 @@ class _LiveCollector(Collector):
             if tunnel.state.trust.crl_next_update is not None:
                 crl.add_metric([name], tunnel.state.trust.crl_next_update.timestamp())
         yield from (active, listening, moved, not_after, crl)
+
+
+def merge_texts(texts: Sequence[str]) -> bytes:
+    """Several workers' /metrics as one: counts and byte totals add up; timestamps take the
+    latest; "all is well" gauges (listening, last reload success) take the worst."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, tuple[str, str]] = {}  # name → (type, help)
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    order: dict[str, list[tuple[str, tuple[tuple[str, str], ...]]]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            families.setdefault(family.name, (family.type, family.documentation))
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue  # per-process creation times mean nothing summed
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in samples:
+                    order.setdefault(family.name, []).append(key)
+                    samples[key] = sample.value
+                else:
+                    samples[key] = _combine(sample.name, samples[key], sample.value)
+    lines = []
+    for name, (kind, documentation) in families.items():
+        lines.append(f"# HELP {name} {documentation}")
+        lines.append(f"# TYPE {name} {kind}")
+        for sample_name, labels in order.get(name, []):
+            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            lines.append(f"{sample_name}{{{label_text}}} {samples[(sample_name, labels)]!r}".replace("{}", ""))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _combine(name: str, a: float, b: float) -> float:
+    if name.endswith("_timestamp_seconds"):
+        return max(a, b)
+    if name in ("tunnel_listening", "tunnel_last_reload_success"):
+        return min(a, b)
+    return a + b
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

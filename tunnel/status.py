@@ -3,10 +3,14 @@ served over plain HTTP/1.1 (one request per connection) for operators and monito
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
+import os
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -52,6 +56,46 @@ def connections(tunnels: Sequence[Tunnel]) -> list[dict[str, Any]]:
     return rows
 
 
+Responder = Callable[[str, str], Awaitable[tuple[str, str, bytes]]]
+
+
+async def serve_http(
+    address: Address, respond: Responder, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve `respond(method, path) -> (status line, content type, body)` on a TCP address,
+    or on a unix socket path (a worker's private status address)."""
+    if address.path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address.path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(address.path)
+        sock.listen(64)
+        listeners: list[trio.SocketListener] = [trio.SocketListener(sock)]
+    else:
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host or None)
+        log.info("status listening on %s", address, extra={"event": "status_listening", "fields": {}})
+    task_status.started(listeners[0].socket.getsockname())
+    await trio.serve_listeners(functools.partial(_handle, respond), listeners)
+
+
+async def _handle(respond: Responder, stream: trio.SocketStream) -> None:
+    try:
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            request = await _read_request(stream)
+            if request is None:
+                return
+            status, content_type, body = await respond(*request)
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            await stream.send_all(head.encode() + body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
 class StatusServer:
     """Answers status requests about the tunnels `tunnels()` returns at request time."""
 
@@ -60,30 +104,11 @@ class StatusServer:
         self._metrics = metrics
 
     async def serve(self, address: Address, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host or None)
-        log.info("status listening on %s", address, extra={"event": "status_listening", "fields": {}})
-        task_status.started(listeners[0].socket.getsockname())
-        await trio.serve_listeners(self._handle, listeners)
+        await serve_http(address, self.respond, task_status=task_status)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        try:
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                request = await _read_request(stream)
-                if request is None:
-                    return
-                status, content_type, body = self.respond(*request)
-                head = (
-                    f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                )
-                await stream.send_all(head.encode() + body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
-
-    def respond(self, method: str, path: str) -> tuple[str, str, bytes]:
+    async def respond(self, method: str, path: str) -> tuple[str, str, bytes]:
         """(status line, content type, body) for one request."""
+        await trio.lowlevel.checkpoint()
         path = path.split("?", 1)[0]
         if method != "GET":
             return "405 Method Not Allowed", "text/plain", b"only GET\n"
@@ -95,7 +120,10 @@ class StatusServer:
             return "200 OK", CONTENT_TYPE_LATEST, self._metrics.text()
         if path == "/connections":
             return "200 OK", "application/json", _json({"connections": connections(tunnels)})
-        return "404 Not Found", "text/plain", b"try /healthz, /metrics or /connections\n"
+        return "404 Not Found", "text/plain", NOT_FOUND
+
+
+NOT_FOUND = b"try /healthz, /metrics or /connections\n"
 
 
 async def _read_request(stream: trio.SocketStream) -> tuple[str, str] | None:

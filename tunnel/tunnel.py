@@ -123,7 +123,7 @@ class Connection:
 class Tunnel:
     """A listener and its connections. `state` may be replaced at any time (reload)."""
 
-    def __init__(self, state: TunnelState, metrics: Metrics | None = None) -> None:
+    def __init__(self, state: TunnelState, metrics: Metrics | None = None, *, reuse_port: bool = False) -> None:
         self.state = state
         self.name = state.config.name
         self.metrics: Metrics = metrics or NoMetrics()
@@ -135,6 +135,7 @@ class Tunnel:
         self._connections_scope: trio.CancelScope | None = None
         self._listener: socket.socket | None = None
         self._drain = True
+        self._reuse_port = reuse_port
 
     def bytes_moved(self) -> tuple[int, int]:
         """Bytes relayed so far (in = towards the target), ended and open connections alike."""
@@ -149,7 +150,7 @@ class Tunnel:
         if self._listener is None:
             address = self.state.config.listen
             try:
-                self._listener = bind_listener(address)
+                self._listener = bind_listener(address, reuse_port=self._reuse_port)
             except OSError as exc:
                 raise OSError(
                     exc.errno, f"tunnel {self.name}: cannot listen on {address}: {exc.strerror or exc}"
@@ -492,8 +493,10 @@ class Tunnel:
 # -- sockets ---------------------------------------------------------------------------
 
 
-def bind_listener(address: Address) -> socket.socket:
-    """A listening, non-blocking socket for a listen address (OSError if it cannot bind)."""
+def bind_listener(address: Address, *, reuse_port: bool = False) -> socket.socket:
+    """A listening, non-blocking socket for a listen address (OSError if it cannot bind).
+    With reuse_port, several worker processes each bind the same TCP port (SO_REUSEPORT)
+    and the kernel spreads new connections across them."""
     if address.path is not None:
         _remove_stale_unix_socket(address.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -507,6 +510,8 @@ def bind_listener(address: Address) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((address.host, address.port))
         except OSError:
             sock.close()

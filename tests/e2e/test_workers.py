@@ -1,0 +1,206 @@
+"""`tunnel run --workers N`: N processes share each listener; readiness, reload, drain,
+status and metrics work across them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_operations import metric
+from tests.helpers import PKI, free_port, make_pki, server_doc, write_yaml
+from tests.process import TUNNEL, DaemonProcess, EchoTarget, echo_once, is_closed, tls_client
+from tunnel import pki
+
+
+@pytest.fixture
+def target() -> Iterator[EchoTarget]:
+    echo = EchoTarget()
+    yield echo
+    echo.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.close()
+
+
+def get_json(port: int, path: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        result: dict[str, object] = json.loads(response.read())
+        return result
+
+
+def connections(port: int) -> list[dict[str, object]]:
+    rows = get_json(port, "/connections")["connections"]
+    assert isinstance(rows, list)
+    return rows
+
+
+def children(pid: int) -> list[int]:
+    """Child processes of `pid`, whichever of its threads started them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return sorted(found)
+
+
+def start(
+    p: PKI, tmp: Path, daemons: list[DaemonProcess], target: EchoTarget, workers: int = 2
+) -> tuple[DaemonProcess, int, int]:
+    port, status = free_port(), free_port()
+    doc = server_doc(p, target.address, listen=f"127.0.0.1:{port}")
+    doc["tls"]["crl"] = str(p.dir / "crl.pem")
+    doc["allow"] = {"cn": ["app1", "app2"]}
+    doc["limits"]["drain_timeout"] = "5s"
+    path = write_yaml(tmp / "edge.yaml", doc)
+    daemon = DaemonProcess(tmp, "--workers", str(workers), "--status", f"127.0.0.1:{status}", str(path))
+    daemons.append(daemon)
+    daemon.wait_for(f"ready workers={workers}", timeout=20)
+    return daemon, port, status
+
+
+def test_workers_share_the_listener_and_status_sums_them(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, port, status = start(pki_files, tmp_path, daemons, target)
+    assert len(children(daemon.process.pid)) == 2
+    held = [tls_client(pki_files, port, "app1") for _ in range(24)]
+    try:
+        for conn in held:
+            assert echo_once(conn, b"w" * 100) == b"w" * 100
+        rows = connections(status)
+        assert len(rows) == 24
+        assert {row["worker"] for row in rows} == {0, 1}, "the kernel spreads connections over both"
+        health = get_json(status, "/healthz")
+        assert health["status"] == "ok"
+        assert health["workers"] == 2
+        text = urllib.request.urlopen(f"http://127.0.0.1:{status}/metrics", timeout=5).read().decode()
+        assert metric(text, "tunnel_active_connections", tunnel="edge") == 24
+        assert metric(text, "tunnel_connections_opened_total", tunnel="edge") == 24
+        assert metric(text, "tunnel_bytes_total", tunnel="edge", direction="in") == 2400
+    finally:
+        for conn in held:
+            conn.close()
+    assert daemon.stop() == 0
+
+
+def test_sd_notify_ready_only_when_every_worker_listens(pki_files: PKI, tmp_path: Path, target: EchoTarget) -> None:
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify_path))
+        sock.settimeout(20)
+        port = free_port()
+        config = write_yaml(tmp_path / "e.yaml", server_doc(pki_files, target.address, listen=f"127.0.0.1:{port}"))
+        log = tmp_path / "log"
+        with log.open("wb") as log_file:
+            process = subprocess.Popen(
+                [*TUNNEL, "run", "--workers", "3", str(config)],
+                stderr=log_file,
+                env={"NOTIFY_SOCKET": str(notify_path), "PATH": "/usr/bin:/bin"},
+            )
+        try:
+            message = sock.recv(4096).decode()
+            assert message.startswith("READY=1")
+            assert "STATUS=3 workers listening" in message
+            assert log.read_text().count("listening tunnel=e") == 3
+            process.send_signal(signal.SIGHUP)
+            assert sock.recv(4096).decode().startswith("RELOADING=1")
+            assert sock.recv(4096).decode().startswith("READY=1")
+            assert log.read_text().count("reloaded tunnels=1") == 3
+            process.send_signal(signal.SIGTERM)
+            assert sock.recv(4096).decode().startswith("STOPPING=1")
+            assert process.wait(timeout=15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_revocation_reaches_every_worker(tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget) -> None:
+    own = make_pki(tmp_path / "pki")
+    daemon, port, status = start(own, tmp_path, daemons, target)
+    keepers = [tls_client(own, port, "app1") for _ in range(8)]
+    doomed = [tls_client(own, port, "app2") for _ in range(8)]
+    try:
+        for conn in keepers + doomed:
+            assert echo_once(conn, b"x") == b"x"
+        assert {row["worker"] for row in connections(status) if row["identity"] == "cn=app2"} == {0, 1}
+        pki.revoke(own.dir, "app2")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for("reloaded tunnels=1", count=2)
+        daemon.wait_for("closing tunnel=edge", count=8)
+        assert all(is_closed(conn) for conn in doomed)
+        assert all(echo_once(conn, b"y") == b"y" for conn in keepers)
+    finally:
+        for conn in keepers + doomed:
+            conn.close()
+    assert daemon.stop() == 0
+
+
+def test_sigterm_drains_every_worker(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, port, status = start(pki_files, tmp_path, daemons, target)
+    held = [tls_client(pki_files, port, "app1") for _ in range(10)]
+    try:
+        for conn in held:
+            assert echo_once(conn, b"a") == b"a"
+        assert {row["worker"] for row in connections(status)} == {0, 1}
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_for("draining", count=2)
+        assert all(echo_once(conn, b"b") == b"b" for conn in held), "open connections finish"
+    finally:
+        for conn in held:
+            conn.close()
+    assert daemon.process.wait(timeout=10) == 0
+
+
+def test_a_dead_worker_is_started_again(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, port, _ = start(pki_files, tmp_path, daemons, target)
+    first = children(daemon.process.pid)
+    os.kill(first[0], signal.SIGKILL)
+    daemon.wait_for("starting it again")
+    daemon.wait_for("ready tunnels=1", count=3)
+    now = children(daemon.process.pid)
+    assert len(now) == 2
+    assert first[0] not in now
+    for _ in range(10):
+        with tls_client(pki_files, port, "app1") as conn:
+            assert echo_once(conn, b"z") == b"z"
+    assert daemon.stop() == 0
+
+
+def test_workers_refuse_unix_listeners_and_port_zero(pki_files: PKI, tmp_path: Path) -> None:
+    for listen, problem in [(f"unix:{tmp_path}/s.sock", "unix socket cannot be shared"), ("127.0.0.1:0", "port 0")]:
+        path = write_yaml(tmp_path / "w.yaml", {**server_doc(pki_files, "127.0.0.1:9", listen=listen), "workers": 2})
+        result = subprocess.run([*TUNNEL, "run", str(path)], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2
+        assert f"{path}: listen: " in result.stderr
+        assert problem in result.stderr
+
+
+def test_workers_will_not_share_a_port_with_another_process(pki_files: PKI, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_yaml(tmp_path / "w.yaml", server_doc(pki_files, "127.0.0.1:9", listen=f"127.0.0.1:{port}"))
+        result = subprocess.run(
+            [*TUNNEL, "run", "--workers", "2", str(path)], capture_output=True, text=True, timeout=30
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

@@ -1,0 +1,269 @@
+"""`tunnel run --workers N`: one supervisor, N worker processes sharing each TCP listener.
+
+Python runs one core's worth of handshakes per process. With N workers every worker binds
+every listen address with SO_REUSEPORT and the kernel spreads new connections across them.
+The supervisor does what there must be only one of:
+
+* readiness: each worker reports to the supervisor over the sd_notify protocol (a
+  datagram socket of the supervisor's own, handed down as NOTIFY_SOCKET); the supervisor
+  tells systemd READY=1 once all N are listening, and RELOADING=1 / READY=1 around reloads;
+* signals and file changes: SIGHUP, or a change to a configuration file, is passed to
+  every worker, which reloads exactly as a single process does; SIGTERM/SIGINT are passed
+  on too, and the supervisor exits once every worker has drained;
+* the status address: /healthz, /connections and /metrics gather every worker's answer
+  (from a private unix socket each) into one;
+* a worker that dies is started again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from tunnel.config import Address, ConfigError, TunnelConfig, find_files
+from tunnel.logs import event
+from tunnel.metrics import merge_texts
+from tunnel.notify import Notifier
+from tunnel.status import NOT_FOUND, serve_http
+from tunnel.watch import DEFAULT_INTERVAL, watch
+
+log = logging.getLogger("tunnel")
+
+RESTART_DELAY = 1.0
+READY_TIMEOUT = 60.0
+
+
+def check_listen_addresses(configs: Sequence[TunnelConfig]) -> None:
+    """Workers share TCP ports: a fixed port each, and no unix listeners."""
+    for config in configs:
+        if config.listen.is_unix:
+            raise ConfigError(config.source, "listen", "a unix socket cannot be shared by several workers")
+        if config.listen.port == 0:
+            raise ConfigError(config.source, "listen", "port 0 cannot be shared by several workers")
+
+
+def check_ports_free(configs: Sequence[TunnelConfig]) -> None:
+    """SO_REUSEPORT would let workers share a port with some other process: make sure no
+    one else holds it first (OSError naming the tunnel otherwise)."""
+    for config in configs:
+        family = socket.AF_INET6 if ":" in config.listen.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((config.listen.host, config.listen.port))
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"tunnel {config.name}: cannot listen on {config.listen}: {exc.strerror or exc}"
+                ) from exc
+
+
+class Supervisor:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        configs: Sequence[TunnelConfig],
+        *,
+        workers: int,
+        log_format: str = "text",
+        status: Sequence[Address] = (),
+        watch_interval: float = DEFAULT_INTERVAL,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.paths = list(paths)
+        self.count = workers
+        self.log_format = log_format
+        addresses = [*status, *(c.status for c in configs if c.status is not None)]
+        self.status_addresses = list(dict.fromkeys(addresses))
+        self.watch_interval = watch_interval
+        self.notifier = notifier or Notifier()
+        self.configs = list(configs)
+        self._dir = Path(tempfile.mkdtemp(prefix="tunnel-workers-"))
+        self._processes: dict[int, trio.Process] = {}
+        self._ready = 0
+        self._ready_changed = trio.Event()
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                await notify.bind(str(self._dir / "notify.sock"))
+                async with trio.open_nursery() as helpers:
+                    helpers.start_soon(self._read_notifications, notify)
+                    async with trio.open_nursery() as workers:
+                        for index in range(self.count):
+                            workers.start_soon(self._keep_running, index)
+                        await self._wait_ready(self.count)
+                        helpers.start_soon(self._watch_signals, signals)
+                        if self.watch_interval > 0:
+                            helpers.start_soon(self._watch_files)
+                        for address in self.status_addresses:
+                            await helpers.start(serve_http, address, self.respond)
+                        event(logging.INFO, "ready", "ready workers=%d", self.count)
+                        self.notifier.ready(f"{self.count} workers listening")
+                        task_status.started()
+                    helpers.cancel_scope.cancel()
+                notify.close()
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        event(logging.INFO, "stopped", "stopped")
+
+    def _worker_command(self, index: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "tunnel.cli",
+            "run",
+            "--worker",
+            f"--worker-status={self._status_path(index)}",
+            f"--log-format={self.log_format}",
+            "--watch-interval=0",
+            *(str(p) for p in self.paths),
+        ]
+
+    def _status_path(self, index: int) -> Path:
+        return self._dir / f"worker-{index}.sock"
+
+    async def _keep_running(self, index: int) -> None:
+        """Run worker `index`; start it again if it dies while the daemon is not stopping."""
+        env = {**os.environ, "NOTIFY_SOCKET": str(self._dir / "notify.sock"), "TUNNEL_WORKER": str(index)}
+        while True:
+            # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which
+            # passes it on once (a worker would count a second copy as "close everything now").
+            process = await trio.lowlevel.open_process(self._worker_command(index), env=env, start_new_session=True)
+            self._processes[index] = process
+            try:
+                code = await process.wait()
+            finally:
+                if process.returncode is None:  # cancelled: do not leave it behind
+                    process.kill()
+                    await process.wait()
+            if self._stopping:
+                if code != 0:
+                    log.error("worker %d exited with %d", index, code)
+                return
+            log.error("worker %d exited with %d; starting it again", index, code)
+            await trio.sleep(RESTART_DELAY)
+
+    async def _read_notifications(self, sock: trio.socket.SocketType) -> None:
+        while True:
+            data = await sock.recv(4096)
+            if b"READY=1" in data.split(b"\n"):
+                self._ready += 1
+                self._ready_changed.set()
+                self._ready_changed = trio.Event()
+
+    async def _wait_ready(self, count: int) -> None:
+        with trio.move_on_after(READY_TIMEOUT) as scope:
+            while self._ready < count:
+                await self._ready_changed.wait()
+        if scope.cancelled_caught:
+            log.error("only %d of %d workers reported ready", self._ready, count)
+
+    # -- signals and reload ----------------------------------------------------------
+
+    def _send_all(self, signum: int) -> None:
+        for process in self._processes.values():
+            if process.returncode is None:
+                process.send_signal(signum)
+
+    async def _watch_signals(self, signals: Any) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await self.reload()
+            else:
+                if not self._stopping:
+                    self._stopping = True
+                    self.notifier.stopping()
+                    log.info("stopping on %s: passing it to every worker", signal.Signals(signum).name)
+                self._send_all(signum)
+
+    async def reload(self) -> None:
+        if self._stopping:
+            return
+        self.notifier.reloading()
+        self._ready = 0
+        self._send_all(signal.SIGHUP)
+        await self._wait_ready(len(self._processes))
+        self.notifier.ready(f"{self.count} workers listening")
+
+    def _watched(self) -> tuple[list[Path], list[Path]]:
+        files: set[Path] = set()
+        try:
+            from tunnel.config import load_paths
+
+            files.update(find_files(self.paths))
+            for config in load_paths(self.paths):
+                tls = config.tls
+                files.update(p for p in (tls.cert, tls.key, tls.ca, tls.crl) if p)
+        except ConfigError:
+            pass
+        return sorted(files), [p for p in self.paths if p.is_dir()]
+
+    async def _watch_files(self) -> None:
+        async def changed() -> None:
+            log.info("a configuration file changed: reloading every worker")
+            await self.reload()
+
+        await watch(self._watched, changed, interval=self.watch_interval)
+
+    # -- the status address ----------------------------------------------------------
+
+    async def respond(self, method: str, path: str) -> tuple[str, str, bytes]:
+        path = path.split("?", 1)[0]
+        if method != "GET":
+            return "405 Method Not Allowed", "text/plain", b"only GET\n"
+        if path not in ("/healthz", "/metrics", "/connections"):
+            return "404 Not Found", "text/plain", NOT_FOUND
+        answers = [await self._ask(index, path) for index in range(self.count)]
+        if path == "/metrics":
+            return "200 OK", CONTENT_TYPE_LATEST, merge_texts([body.decode() for _, body in answers if body])
+        if path == "/connections":
+            rows = []
+            for index, (_, body) in enumerate(answers):
+                for row in json.loads(body)["connections"] if body else []:
+                    rows.append({**row, "worker": index})
+            return "200 OK", "application/json", _json({"connections": rows})
+        ok = all(code == 200 for code, _ in answers)
+        tunnels: dict[str, str] = {}
+        for _, body in answers:
+            for name, state in (json.loads(body)["tunnels"] if body else {}).items():
+                tunnels[name] = state if tunnels.get(name, "listening") == "listening" else tunnels[name]
+        doc = {"status": "ok" if ok else "unavailable", "tunnels": tunnels, "workers": self.count}
+        return ("200 OK" if ok else "503 Service Unavailable"), "application/json", _json(doc)
+
+    async def _ask(self, index: int, path: str) -> tuple[int, bytes]:
+        """GET `path` from one worker's private status socket: (HTTP status, body)."""
+        try:
+            with trio.fail_after(5):
+                stream = await trio.open_unix_socket(str(self._status_path(index)))
+                async with stream:
+                    await stream.send_all(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                    data = b""
+                    while chunk := await stream.receive_some(65536):
+                        data += chunk
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError):
+            return 503, b""
+        head, _, body = data.partition(b"\r\n\r\n")
+        try:
+            return int(head.split()[1]), body
+        except (IndexError, ValueError):
+            return 503, b""
+
+
+def _json(value: object) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode()
