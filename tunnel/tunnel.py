@@ -318,12 +318,10 @@ class Tunnel:
             self._log_refused(conn, decision.reason, conn.identity)
             client.abort()
             return
-        try:
-            target_sock, target = await self._dial(config)
-        except TargetUnavailable as exc:
-            self._log_target_down(conn, str(exc))
-            client.abort()
+        dialled = await self._dial(config, conn, client)
+        if dialled is None:
             return
+        target_sock, target = dialled
         self._log_opened(conn, client.describe_tls(), target=str(target))
         target_stream = PlainStream(target_sock)
         if config.proxy_protocol == "v2":
@@ -341,12 +339,10 @@ class Tunnel:
         """Client mode: dial, handshake with the server, relay."""
         config = state.config
         client = PlainStream(sock)
-        try:
-            target_sock, target = await self._dial(config)
-        except TargetUnavailable as exc:
-            self._log_target_down(conn, str(exc))
-            client.abort()
+        dialled = await self._dial(config, conn, client)
+        if dialled is None:
             return
+        target_sock, target = dialled
         server = TLSStream(
             target_sock,
             state.context,
@@ -401,9 +397,17 @@ class Tunnel:
                 conn.stats.why = "closed by the daemon"
             self._log_closed(conn)
 
-    async def _dial(self, config: TunnelConfig) -> tuple[socket.socket, Address]:
+    async def _dial(
+        self, config: TunnelConfig, conn: Connection, client: PlainStream | TLSStream
+    ) -> tuple[socket.socket, Address] | None:
+        """A connection to the first target that answers; None (logged, client closed) if none."""
         started = trio.current_time()
-        result = await dial_any(config.targets, config.limits.connect_timeout)
+        try:
+            result = await dial_any(config.targets, config.limits.connect_timeout)
+        except TargetUnavailable as exc:
+            self._log_target_down(conn, str(exc))
+            client.abort()
+            return None
         self.metrics.connect_seconds(self.name, trio.current_time() - started)
         return result
 

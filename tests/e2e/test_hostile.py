@@ -10,29 +10,11 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.helpers import PKI, free_port, server_doc, write_yaml
 from tests.process import DaemonProcess, EchoTarget, echo_once, is_closed, tls_client
-
-
-@pytest.fixture
-def target() -> Iterator[EchoTarget]:
-    echo = EchoTarget()
-    yield echo
-    echo.close()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.close()
 
 
 def start_server(

@@ -12,31 +12,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography import x509
 
 from tests.helpers import PKI, client_doc, free_port, server_doc, write_yaml
 from tests.process import TUNNEL, DaemonProcess, EchoTarget, echo_once, is_closed, tls_client
 from tests.unit.test_proxy_protocol import SUBTYPE_CN, SUBTYPE_VERSION, parse_v2, ssl_info
-
-
-@pytest.fixture
-def target() -> Iterator[EchoTarget]:
-    echo = EchoTarget()
-    yield echo
-    echo.close()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.close()
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:

@@ -9,7 +9,6 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,6 @@ def own_pki(tmp_path: Path) -> PKI:
     return make_pki(tmp_path / "pki")
 
 
-@pytest.fixture
-def target() -> Iterator[EchoTarget]:
-    echo = EchoTarget()
-    yield echo
-    echo.close()
-
-
 def server_file(p: PKI, tmp: Path, target: EchoTarget, port: int, **changes: Any) -> Path:
     doc = server_doc(p, target.address, listen=f"127.0.0.1:{port}")
     doc["tls"]["crl"] = str(p.dir / "crl.pem")
@@ -42,14 +34,6 @@ def server_file(p: PKI, tmp: Path, target: EchoTarget, port: int, **changes: Any
     doc["limits"]["drain_timeout"] = "3s"
     doc.update(changes)
     return write_yaml(tmp / "server.yaml", doc)
-
-
-@pytest.fixture
-def daemon_cleanup() -> Iterator[list[DaemonProcess]]:
-    daemons: list[DaemonProcess] = []
-    yield daemons
-    for d in daemons:
-        d.close()
 
 
 def start(tmp: Path, cleanup: list[DaemonProcess], *paths: Path, tunnels: int = 1) -> DaemonProcess:
@@ -60,10 +44,10 @@ def start(tmp: Path, cleanup: list[DaemonProcess], *paths: Path, tunnels: int = 
 
 
 def test_revoke_and_sighup_cuts_the_revoked_client_and_keeps_the_others(
-    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemon_cleanup: list[DaemonProcess]
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
 ) -> None:
     port = free_port()
-    daemon = start(tmp_path, daemon_cleanup, server_file(own_pki, tmp_path, target, port))
+    daemon = start(tmp_path, daemons, server_file(own_pki, tmp_path, target, port))
     with tls_client(own_pki, port, "app1") as keeper, tls_client(own_pki, port, "app2") as doomed:
         assert echo_once(keeper, b"one") == b"one"
         assert echo_once(doomed, b"two") == b"two"
@@ -82,11 +66,11 @@ def test_revoke_and_sighup_cuts_the_revoked_client_and_keeps_the_others(
 
 
 def test_allow_list_edit_takes_effect_on_sighup(
-    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemon_cleanup: list[DaemonProcess]
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
 ) -> None:
     port = free_port()
     path = server_file(own_pki, tmp_path, target, port)
-    daemon = start(tmp_path, daemon_cleanup, path)
+    daemon = start(tmp_path, daemons, path)
     with tls_client(own_pki, port, "app1") as keeper, tls_client(own_pki, port, "app2") as dropped:
         assert echo_once(dropped, b"hi") == b"hi"
         server_file(own_pki, tmp_path, target, port, allow={"cn": ["app1"]})
@@ -102,11 +86,11 @@ def test_allow_list_edit_takes_effect_on_sighup(
 
 @pytest.mark.parametrize("breakage", ["yaml", "certificate", "crl-from-elsewhere"])
 def test_a_broken_reload_keeps_the_old_state_serving(
-    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemon_cleanup: list[DaemonProcess], breakage: str
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess], breakage: str
 ) -> None:
     port = free_port()
     path = server_file(own_pki, tmp_path, target, port)
-    daemon = start(tmp_path, daemon_cleanup, path)
+    daemon = start(tmp_path, daemons, path)
     with tls_client(own_pki, port, "app1") as open_conn:
         assert echo_once(open_conn, b"before") == b"before"
         if breakage == "yaml":
@@ -124,10 +108,10 @@ def test_a_broken_reload_keeps_the_old_state_serving(
 
 
 def test_a_reissued_server_certificate_is_what_new_clients_see(
-    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemon_cleanup: list[DaemonProcess]
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
 ) -> None:
     port = free_port()
-    daemon = start(tmp_path, daemon_cleanup, server_file(own_pki, tmp_path, target, port))
+    daemon = start(tmp_path, daemons, server_file(own_pki, tmp_path, target, port))
 
     def served_serial() -> int:
         with tls_client(own_pki, port, "app1") as conn:
@@ -144,11 +128,11 @@ def test_a_reissued_server_certificate_is_what_new_clients_see(
 
 
 def test_a_changed_file_is_reloaded_without_a_signal(
-    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemon_cleanup: list[DaemonProcess]
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
 ) -> None:
     port = free_port()
     path = server_file(own_pki, tmp_path, target, port)
-    daemon = start(tmp_path, daemon_cleanup, path)
+    daemon = start(tmp_path, daemons, path)
     doc = yaml.safe_load(path.read_text())
     doc["allow"] = {"cn": ["app1"]}
     write_atomically(path, yaml.safe_dump(doc))
@@ -166,11 +150,11 @@ def test_a_changed_file_is_reloaded_without_a_signal(
 
 
 def test_a_half_written_file_is_never_loaded(
-    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemon_cleanup: list[DaemonProcess]
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
 ) -> None:
     port = free_port()
     path = server_file(own_pki, tmp_path, target, port)
-    daemon = start(tmp_path, daemon_cleanup, path)
+    daemon = start(tmp_path, daemons, path)
     full = own_pki.crt("server").read_bytes()
     pki.issue(own_pki.dir, "server", kind="server", dns=["localhost"], ips=["127.0.0.1"], force=True)
     new_cert, new_key = own_pki.crt("server").read_bytes(), own_pki.key("server").read_bytes()
@@ -193,10 +177,10 @@ def test_a_half_written_file_is_never_loaded(
 
 
 def test_sigterm_drains_an_open_connection_then_exits_zero(
-    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemon_cleanup: list[DaemonProcess]
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
 ) -> None:
     port = free_port()
-    daemon = start(tmp_path, daemon_cleanup, server_file(own_pki, tmp_path, target, port))
+    daemon = start(tmp_path, daemons, server_file(own_pki, tmp_path, target, port))
     with tls_client(own_pki, port, "app1") as conn:
         assert echo_once(conn, b"a") == b"a"
         daemon.signal(signal.SIGTERM)
@@ -208,10 +192,10 @@ def test_sigterm_drains_an_open_connection_then_exits_zero(
 
 
 def test_sigterm_closes_what_is_left_after_the_drain_timeout(
-    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemon_cleanup: list[DaemonProcess]
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
 ) -> None:
     port = free_port()
-    daemon = start(tmp_path, daemon_cleanup, server_file(own_pki, tmp_path, target, port))
+    daemon = start(tmp_path, daemons, server_file(own_pki, tmp_path, target, port))
     with tls_client(own_pki, port, "app1") as conn:
         assert echo_once(conn, b"a") == b"a"
         started = time.monotonic()
@@ -223,11 +207,11 @@ def test_sigterm_closes_what_is_left_after_the_drain_timeout(
 
 
 def test_a_second_sigterm_exits_at_once(
-    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemon_cleanup: list[DaemonProcess]
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
 ) -> None:
     port = free_port()
     path = server_file(own_pki, tmp_path, target, port, limits={"drain_timeout": "60s"})
-    daemon = start(tmp_path, daemon_cleanup, path)
+    daemon = start(tmp_path, daemons, path)
     with tls_client(own_pki, port, "app1") as conn:
         assert echo_once(conn, b"a") == b"a"
         daemon.signal(signal.SIGTERM)
@@ -238,14 +222,14 @@ def test_a_second_sigterm_exits_at_once(
 
 
 def test_listen_change_rebinds_and_directory_changes_start_and_stop_tunnels(
-    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemon_cleanup: list[DaemonProcess]
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
 ) -> None:
     conf = tmp_path / "conf"
     conf.mkdir()
     first, moved, second = free_port(), free_port(), free_port()
     doc = server_doc(own_pki, target.address, listen=f"127.0.0.1:{first}")
     write_yaml(conf / "a.yaml", doc)
-    daemon = start(tmp_path, daemon_cleanup, conf)
+    daemon = start(tmp_path, daemons, conf)
     with tls_client(own_pki, first, "app1") as old_conn:
         assert echo_once(old_conn, b"x") == b"x"
         doc["listen"] = f"127.0.0.1:{moved}"
@@ -267,11 +251,11 @@ def test_listen_change_rebinds_and_directory_changes_start_and_stop_tunnels(
 
 
 def test_reload_under_load_loses_no_connection_and_no_byte(
-    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemon_cleanup: list[DaemonProcess]
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
 ) -> None:
     port = free_port()
     path = server_file(own_pki, tmp_path, target, port)
-    daemon = start(tmp_path, daemon_cleanup, path)
+    daemon = start(tmp_path, daemons, path)
     failures: list[str] = []
     sessions = [0]
     stop = threading.Event()

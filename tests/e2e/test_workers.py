@@ -9,30 +9,12 @@ import signal
 import socket
 import subprocess
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.e2e.test_operations import metric
 from tests.helpers import PKI, free_port, make_pki, server_doc, write_yaml
 from tests.process import TUNNEL, DaemonProcess, EchoTarget, echo_once, is_closed, tls_client
 from tunnel import pki
-
-
-@pytest.fixture
-def target() -> Iterator[EchoTarget]:
-    echo = EchoTarget()
-    yield echo
-    echo.close()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.close()
 
 
 def get_json(port: int, path: str) -> dict[str, object]:
