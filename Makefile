@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SSLYZE_VERSION := 6.3.1
 SSLYZE_STAMP := .venv-sslyze/.installed-$(SSLYZE_VERSION)
 
-.PHONY: demo test lint unit clean
+.PHONY: demo test lint unit clean deploy-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,9 @@ test: lint $(SSLYZE_STAMP)
 unit: $(STAMP)
 	$(VENV)/bin/pytest tests/unit
 
+# systemd unit, Dockerfile, compose.yaml (docs/deploy.md, "What CI checks").
+deploy-check:
+	bash scripts/check-deploy.sh
+
 clean:
-	rm -rf $(VENV) .venv-sslyze build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-sslyze .venv-tools build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@ daemon runs the same with or without systemd.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -17,6 +18,7 @@ class Notifier:
     def __init__(self, address: str | None = None) -> None:
         address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
         self.address = ("\0" + address[1:] if address.startswith("@") else address) if address else None
+        self._warned = False
 
     def send(self, *lines: str) -> None:
         """Send one notification; failures are ignored (the service manager may be gone)."""
@@ -26,8 +28,10 @@ class Notifier:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
                 sock.connect(self.address)
                 sock.sendall("\n".join(lines).encode())
-        except OSError:
-            pass
+        except OSError as exc:
+            if not self._warned:  # once: otherwise systemd just times the start out, unexplained
+                self._warned = True
+                logging.getLogger("tunnel").warning("cannot notify the service manager at NOTIFY_SOCKET: %s", exc)
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")

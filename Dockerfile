@@ -1,0 +1,42 @@
+# tunnel: the mutual-TLS tunnel daemon in a small image. Usage: docs/deploy.md.
+#
+#   docker build -t tunnel .
+#   docker run -d --name tunnel-redis --stop-timeout 45 -p 6380:6380 \
+#       -v ./config/redis.yaml:/etc/tunnel/redis.yaml:ro -v ./certs:/etc/tunnel/certs:ro tunnel
+#
+# scripts/check-deploy.sh lints this file with hadolint and repeats the build stage's
+# install steps in a fresh virtualenv (CI has no Docker engine).
+
+# --- build: the package and its dependencies in a virtualenv at /opt/tunnel ----------
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY tunnel ./tunnel
+RUN python -m venv /opt/tunnel \
+    && /opt/tunnel/bin/pip install --no-cache-dir /src \
+    && /opt/tunnel/bin/tunnel --version
+
+# --- runtime: the same Python, the virtualenv, a non-root user ----------------------
+FROM python:3.11-slim-bookworm
+COPY --from=build /opt/tunnel /opt/tunnel
+ENV PATH="/opt/tunnel/bin:${PATH}" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+# A fixed UID/GID (10001) so that mounted private keys can be made readable to it:
+# chgrp 10001 certs/*.key && chmod 0640 certs/*.key
+RUN groupadd --system --gid 10001 tunnel \
+    && useradd --system --no-log-init --uid 10001 --gid tunnel \
+        --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin tunnel \
+    && mkdir -p /etc/tunnel/certs
+# The tunnel files (*.yaml). Certificates go in /etc/tunnel/certs, mounted read-only.
+VOLUME ["/etc/tunnel"]
+USER 10001:10001
+# A typical server tunnel port (Redis behind TLS); publish whatever your tunnel files use.
+EXPOSE 6380
+# Asks the daemon itself: healthy only while every tunnel is listening.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["tunnel", "status", "--health", "127.0.0.1:9100"]
+ENTRYPOINT ["tunnel"]
+CMD ["run", "--status", "127.0.0.1:9100", "/etc/tunnel"]
