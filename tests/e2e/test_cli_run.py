@@ -160,3 +160,31 @@ def test_run_a_pair_carries_bytes_and_stops_cleanly_on_sigterm(pki_files: PKI, t
     content = log.read_text()
     assert "stopping on SIGTERM" in content
     assert "stopped" in content
+
+
+def test_certificates_near_expiry_are_warned_about_by_check_and_run(tmp_path: Path) -> None:
+    from tunnel import pki
+
+    ca = tmp_path / "ca"
+    pki.init_ca(ca)
+    pki.issue(ca, "soon", kind="server", dns=["localhost"], days=10)
+    doc = {
+        "mode": "server",
+        "listen": f"127.0.0.1:{free_port()}",
+        "target": "127.0.0.1:6379",
+        "tls": {"cert": str(ca / "soon.crt"), "key": str(ca / "soon.key"), "ca": str(ca / "ca.crt")},
+        "allow": {"any": True},
+    }
+    path = write_yaml(tmp_path / "soon.yaml", doc)
+    checked = tunnel("check", str(path))
+    assert checked.returncode == 0, checked.stderr
+    assert f"warning: {path}: tls.cert: {ca / 'soon.crt'} expires in 9 days" in checked.stderr
+    log = tmp_path / "run.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen([*TUNNEL, "run", str(path)], stderr=log_file)
+    try:
+        content = wait_for_line(log, "certificate expires soon", process)
+        assert "soon.crt expires in 9 days" in content
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
