@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ log = logging.getLogger("tunnel")
 
 EXPIRY_CHECK_EVERY = 24 * 3600.0
 CRL_WARNING = timedelta(days=7)
+SUPERVISOR_CHECK_EVERY = 0.5
 DUPLICATE_WINDOW = 1.0  # seconds in which a worker treats a repeated stop signal as the same one
 
 
@@ -85,6 +87,8 @@ class Daemon:
                     if self.watch_interval > 0:
                         helpers.start_soon(self._watch_files)
                     helpers.start_soon(self._warn_about_expiry)
+                    if self.worker:
+                        helpers.start_soon(self._watch_supervisor, os.getppid())
                     status_server = StatusServer(self.all_tunnels, self.metrics)
                     for address in self.status_addresses:
                         addresses[f"status {address}"] = await helpers.start(status_server.serve, address)
@@ -110,6 +114,15 @@ class Daemon:
                 log.info("second %s: closing every connection now", signal.Signals(signum).name)
                 for tunnel in [*self.tunnels, *self._retiring]:
                     tunnel.abort()
+
+    async def _watch_supervisor(self, supervisor: int) -> None:
+        """A worker whose supervisor is gone (killed outright) must not live on alone."""
+        while os.getppid() == supervisor:  # noqa: ASYNC110 (no event tells us the parent died)
+            await trio.sleep(SUPERVISOR_CHECK_EVERY)
+        log.error("worker: the supervisor (pid %d) is gone: closing everything", supervisor)
+        self._stopping = True
+        for tunnel in self.all_tunnels():
+            tunnel.abort()
 
     def stop(self) -> None:
         self._stopping = True

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -186,3 +187,24 @@ def test_workers_will_not_share_a_port_with_another_process(pki_files: PKI, tmp_
         )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, _, _ = start(pki_files, tmp_path, daemons, target)
+    workers = children(daemon.process.pid)
+    assert len(workers) == 2
+    daemon.process.kill()
+    daemon.process.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers):
+        assert time.monotonic() < deadline, "orphaned workers still running"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return (Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]).lower()
+    except (FileNotFoundError, IndexError):
+        return "zombie"
