@@ -5,6 +5,7 @@ Pure functions over `cryptography` certificates: no sockets, no trio.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,8 +43,10 @@ def normalize_fingerprint(text: str) -> str:
     return text.replace(":", "").strip().lower()
 
 
+@functools.lru_cache(maxsize=4096)
 def identity_from_der(der: bytes) -> Identity:
-    """Read the identity out of a DER certificate."""
+    """Read the identity out of a DER certificate. Cached: the same clients come back, and
+    parsing a certificate costs more than the rest of accepting a connection."""
     cert = x509.load_der_x509_certificate(der)
     return identity_from_certificate(cert, der)
 

@@ -3,6 +3,7 @@ reap idle connections, count bytes, and say why it ended."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import trio
@@ -29,12 +30,19 @@ async def relay(
 ) -> None:
     """Pump until both directions have ended, one side breaks, or nothing moves for
     `idle_timeout` seconds. Does not close the streams: the caller owns them."""
-    last_activity = trio.current_time()
     finished = 0
+    # Idle timeout: the nursery's deadline, pushed forward as bytes move: no watchdog
+    # task (and one task fewer: the accepted side's pump runs in this one). Moving a
+    # deadline costs a few microseconds, so it moves at most once per `slack`; the
+    # connection is reaped after between idle and idle + slack of silence, never sooner.
+    idle = idle_timeout or math.inf
+    slack = min(idle / 10, 1.0)
+    pushed = trio.current_time()
 
     async def pump(src: Stream, dst: Stream, scope: trio.CancelScope) -> None:
-        nonlocal last_activity, finished
-        src_name, dst_name = ("client", "target") if src is accepted else ("target", "client")
+        nonlocal finished, pushed
+        inbound = src is accepted
+        src_name, dst_name = ("client", "target") if inbound else ("target", "client")
         try:
             while True:
                 try:
@@ -47,8 +55,11 @@ async def relay(
                     await dst.send_all(data)
                 except StreamBroken as exc:
                     raise _Ended(f"{dst_name}: {exc}") from exc
-                last_activity = trio.current_time()
-                if src is accepted:
+                now = trio.current_time()
+                if now - pushed >= slack:
+                    pushed = now
+                    scope.deadline = now + idle + slack
+                if inbound:
                     stats.bytes_in += len(data)
                 else:
                     stats.bytes_out += len(data)
@@ -63,26 +74,19 @@ async def relay(
                 stats.why = str(exc)
             scope.cancel()
             return
-        last_activity = trio.current_time()
+        pushed = trio.current_time()
+        scope.deadline = pushed + idle + slack
         finished += 1
         if finished == 2:
             stats.why = "both sides closed"
             scope.cancel()
 
-    async def watchdog(scope: trio.CancelScope, idle_seconds: float) -> None:
-        while True:
-            await trio.sleep_until(last_activity + idle_seconds)
-            if trio.current_time() >= last_activity + idle_seconds:
-                if not stats.why:
-                    stats.why = f"idle for {idle_seconds:g}s"
-                scope.cancel()
-                return
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, accepted, dialled, nursery.cancel_scope)
+        nursery.cancel_scope.deadline = pushed + idle + slack
         nursery.start_soon(pump, dialled, accepted, nursery.cancel_scope)
-        if idle_timeout:
-            nursery.start_soon(watchdog, nursery.cancel_scope, idle_timeout)
+        await pump(accepted, dialled, nursery.cancel_scope)
+    if nursery.cancel_scope.cancelled_caught and not stats.why and nursery.cancel_scope.deadline <= trio.current_time():
+        stats.why = f"idle for {idle:g}s"
 
 
 class _Ended(Exception):

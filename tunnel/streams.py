@@ -62,12 +62,6 @@ class _SocketIO:
         self._ready_streak = 0
         self._drained = False  # the last read emptied the kernel buffer: wait before reading
 
-    async def _fairness(self) -> None:
-        self._ready_streak += 1
-        if self._ready_streak >= _CHECKPOINT_EVERY:
-            self._ready_streak = 0
-            await trio.lowlevel.checkpoint()
-
     async def _recv_into(self, view: memoryview) -> int:
         # Checkpoint before reading, never between the read and the caller's copy: the
         # view may be a process-wide scratch buffer.
@@ -77,7 +71,10 @@ class _SocketIO:
             self._ready_streak = 0
             await trio.lowlevel.wait_readable(self.sock)
         else:
-            await self._fairness()
+            self._ready_streak += 1
+            if self._ready_streak >= _CHECKPOINT_EVERY:
+                self._ready_streak = 0
+                await trio.lowlevel.checkpoint()
         while True:
             try:
                 n = self.sock.recv_into(view)
@@ -102,7 +99,10 @@ class _SocketIO:
             except OSError as exc:
                 raise StreamBroken(_os_reason(exc)) from exc
             view = view[n:]
-        await self._fairness()
+        self._ready_streak += 1
+        if self._ready_streak >= _CHECKPOINT_EVERY:
+            self._ready_streak = 0
+            await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
         """Close at once (idempotent)."""
@@ -322,7 +322,8 @@ class TLSStream(_SocketIO):
                 await self._send_raw(self._outgoing.read())
         finally:
             self._sending = False
-            self._send_done.unpark_all()
+            if self._send_done:
+                self._send_done.unpark_all()
 
 
 def _shutdown_write(sock: socket.socket) -> None:

@@ -46,6 +46,9 @@ def build_context(config: TunnelConfig) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     if server_side:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        # One TLS 1.3 session ticket per handshake (OpenSSL's default is two): a client
+        # tunnel keeps only the latest, and each ticket costs an encryption.
+        ctx.num_tickets = 1
     _load_identity(ctx, config.source, tls)
     _load_trust(ctx, config.source, tls)
     ctx.verify_mode = ssl.CERT_REQUIRED
