@@ -65,6 +65,7 @@ class Daemon:
         self.reloads = 0
         self._stopping = False
         self._stop_time = 0.0
+        self._reload_lock = trio.Lock()
         self._tunnel_nursery: trio.Nursery | None = None
 
     def all_tunnels(self) -> list[Tunnel]:
@@ -139,7 +140,8 @@ class Daemon:
         if self._stopping:
             return False
         self.notifier.reloading()
-        ok = await self._reload()
+        async with self._reload_lock:  # a SIGHUP and a file change at once: one after the other
+            ok = await self._reload()
         self.metrics.reloaded(ok, time.time())
         self.notifier.ready(f"{len(self.tunnels)} tunnels listening")
         return ok
@@ -184,6 +186,9 @@ class Daemon:
         for tunnel in starting:
             await self._tunnel_nursery.start(tunnel.serve)
         self.tunnels = kept + starting
+        if self._stopping:  # a stop signal came while the new tunnels were starting
+            for tunnel in starting:
+                tunnel.stop()
         self._retiring = [t for t in self._retiring if t.connections or t.listening]
         for tunnel in [*self.tunnels, *self._retiring]:
             tunnel.revalidate()

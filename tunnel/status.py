@@ -92,6 +92,8 @@ async def _handle(respond: Responder, stream: trio.SocketStream) -> None:
             await stream.send_all(head.encode() + body)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+    except Exception:  # one bad request must never stop the status server
+        log.exception("status request failed")
     finally:
         await trio.aclose_forcefully(stream)
 

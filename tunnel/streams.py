@@ -293,7 +293,8 @@ class TLSStream(_SocketIO):
 
     def _decrypt_waiting_records(self) -> None:
         """Empty the incoming BIO into the overflow buffer (see the module docstring)."""
-        while self._incoming.pending and not self._eof_received:
+        # OpenSSL may also hold decrypted bytes of a record a receive stopped part-way through.
+        while (self._incoming.pending or self.ssl.pending()) and not self._eof_received:
             try:
                 chunk = self.ssl.read(RECEIVE_SIZE)
             except ssl.SSLWantReadError:

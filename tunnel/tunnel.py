@@ -135,6 +135,7 @@ class Tunnel:
         self._connections_scope: trio.CancelScope | None = None
         self._listener: socket.socket | None = None
         self._drain = True
+        self._bound = state.config.listen  # what the listener was bound to (listen may move)
         self._reuse_port = reuse_port
 
     def bytes_moved(self) -> tuple[int, int]:
@@ -151,6 +152,7 @@ class Tunnel:
             address = self.state.config.listen
             try:
                 self._listener = bind_listener(address, reuse_port=self._reuse_port)
+                self._bound = address
             except OSError as exc:
                 raise OSError(
                     exc.errno, f"tunnel {self.name}: cannot listen on {address}: {exc.strerror or exc}"
@@ -182,7 +184,7 @@ class Tunnel:
                     )
                     await self._accept_loop(listener, connections)
                 self.listening = False
-                _close_listener(listener, self.state.config.listen)
+                _close_listener(listener, self._bound)
                 if self.connections:
                     event(
                         logging.INFO,
@@ -196,7 +198,7 @@ class Tunnel:
                     connections.cancel_scope.deadline = trio.current_time() + self.state.config.limits.drain_timeout
         finally:
             self.listening = False
-            _close_listener(listener, self.state.config.listen)
+            _close_listener(listener, self._bound)
 
     def replace_state(self, state: TunnelState) -> None:
         """Use `state` for every new connection from now on (one assignment)."""
@@ -206,13 +208,18 @@ class Tunnel:
     def close_listener(self) -> None:
         """Give up a listener bound by `bind` that `serve` never ran on."""
         if self._listener is not None:
-            _close_listener(self._listener, self.state.config.listen)
+            _close_listener(self._listener, self._bound)
             self._listener = None
 
     def stop(self, *, drain: bool = True) -> None:
         """Stop accepting now. With drain, open connections get limits.drain_timeout to
         finish; without, they go on until they end by themselves (a rebind on reload)."""
         self._drain = drain
+        if drain and self._stop_accepting.cancel_called and self._connections_scope is not None:
+            # Already stopped accepting without a drain deadline (moved on reload): set one.
+            self._connections_scope.deadline = min(
+                self._connections_scope.deadline, trio.current_time() + self.state.config.limits.drain_timeout
+            )
         self._stop_accepting.cancel()
 
     def revalidate(self) -> None:
@@ -318,6 +325,12 @@ class Tunnel:
             self._log_refused(conn, decision.reason, conn.identity)
             client.abort()
             return
+        if self.state is not state:  # reloaded during the handshake: the new rules decide
+            why = self.state.still_admits(conn)
+            if why is not None:
+                self._log_refused(conn, why, conn.identity)
+                client.abort()
+                return
         dialled = await self._dial(config, conn, client)
         if dialled is None:
             return
@@ -343,25 +356,31 @@ class Tunnel:
         if dialled is None:
             return
         target_sock, target = dialled
-        server = TLSStream(
-            target_sock,
-            state.context,
-            server_side=False,
-            server_hostname=config.tls.server_name or target.host,
-            session=state.sessions.get(target),
-        )
+        try:
+            server = TLSStream(
+                target_sock,
+                state.context,
+                server_side=False,
+                server_hostname=config.tls.server_name or target.host,
+                session=state.sessions.get(target),
+            )
+        except BaseException:
+            target_sock.close()
+            raise
         started = trio.current_time()
         try:
             with trio.fail_after(config.limits.handshake_timeout):
                 await server.do_handshake()
-        except (trio.TooSlowError, ssl.SSLError, StreamBroken) as exc:
+        except BaseException as exc:
+            server.abort()
+            if not isinstance(exc, (trio.TooSlowError, ssl.SSLError, StreamBroken)):
+                raise
             reason = (
                 "handshake timeout"
                 if isinstance(exc, trio.TooSlowError)
                 else (handshake_failure_reason(exc) if isinstance(exc, ssl.SSLError) else str(exc))
             )
             self._log_refused(conn, f"server {target}: {reason}")
-            server.abort()
             client.abort()
             return
         self.metrics.handshake_seconds(self.name, trio.current_time() - started)

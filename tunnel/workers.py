@@ -158,6 +158,8 @@ class Supervisor:
                 return
             log.error("worker %d exited with %d; starting it again", index, code)
             await trio.sleep(RESTART_DELAY)
+            if self._stopping:  # the stop came while we waited: it would never reach a new one
+                return
 
     async def _read_notifications(self, sock: trio.socket.SocketType) -> None:
         while True:
@@ -230,6 +232,12 @@ class Supervisor:
         if path not in ("/healthz", "/metrics", "/connections"):
             return "404 Not Found", "text/plain", NOT_FOUND
         answers = [await self._ask(index, path) for index in range(self.count)]
+        try:
+            return self._merge(path, answers)
+        except (ValueError, KeyError, TypeError):  # a worker's answer was cut short (it died answering)
+            return "503 Service Unavailable", "text/plain", b"a worker did not answer in full\n"
+
+    def _merge(self, path: str, answers: list[tuple[int, bytes]]) -> tuple[str, str, bytes]:
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, merge_texts([body.decode() for _, body in answers if body])
         if path == "/connections":

@@ -287,3 +287,19 @@ def test_reload_under_load_loses_no_connection_and_no_byte(
     assert failures == []
     assert sessions[0] > 20
     assert daemon.stop() == 0
+
+
+def test_a_client_that_connected_before_a_revocation_is_judged_by_the_new_rules(
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
+) -> None:
+    """TCP first, revocation and reload next, handshake last: the handshake must fail."""
+    port = free_port()
+    daemon = start(tmp_path, daemons, server_file(own_pki, tmp_path, target, port))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    pki.revoke(own_pki.dir, "app2")
+    assert "reloaded tunnels=1" in daemon.reload()
+    with own_pki.client_context("app2").wrap_socket(raw, server_hostname="localhost") as late:
+        assert is_closed(late)
+    daemon.wait_for("refused: revoked")
+    assert target.accepted == 0
+    assert daemon.stop() == 0

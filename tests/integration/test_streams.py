@@ -112,3 +112,17 @@ async def test_send_eof_after_an_unclean_eof_ends_with_a_tcp_fin(pki_files: PKI)
             raw = peer.transport_stream
             while await raw.receive_some():  # session tickets it never read, then...
                 pass  # ...a plain FIN: the loop ends instead of timing out
+
+
+async def test_send_eof_keeps_bytes_openssl_holds_from_a_record_read_part_way(pki_files: PKI) -> None:
+    """A receive that stops inside a record leaves the rest in OpenSSL, not in the BIO."""
+    async with connected(pki_files) as (ours, peer):
+        with trio.fail_after(5):
+            await peer.send_all(b"r" * 5000)  # one TLS record
+            first = await ours.receive_some(1000)
+            assert ours.ssl.pending() > 0
+            await ours.send_eof()  # must neither fail nor lose the 4000 bytes held
+            rest = b""
+            while len(first) + len(rest) < 5000:
+                rest += await ours.receive_some()
+    assert first + rest == b"r" * 5000
