@@ -172,12 +172,10 @@ _paths_argument = click.argument("paths", nargs=-1, required=True, type=click.Pa
 def check(paths: tuple[Path, ...]) -> None:
     """Validate tunnel files and the certificates they name."""
     from tunnel.daemon import build_states
-    from tunnel.tls import check_certificates
 
-    configs = load_paths(paths)
-    build_states(configs)
-    for config in configs:
-        for warning in check_certificates(config):
+    for state in build_states(load_paths(paths)):  # building checks the certificates too
+        config = state.config
+        for warning in state.warnings:
             click.echo(f"warning: {warning}", err=True)
         click.echo(f"ok: {config.source} ({config.name}: {config.mode}, listen {config.listen})")
 

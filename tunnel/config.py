@@ -83,6 +83,11 @@ class TunnelConfig:
     proxy_protocol: Literal["v2"] | None = None
     workers: int = 1  # processes for the whole daemon (the largest any file asks for)
 
+    def files(self) -> set[Path]:
+        """Every file this tunnel was configured from: the YAML file and what it names."""
+        tls = self.tls
+        return {self.source, tls.cert, tls.key, tls.ca, *([tls.crl] if tls.crl else [])}
+
 
 TOP_KEYS = {
     "name",

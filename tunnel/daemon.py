@@ -62,7 +62,6 @@ class Daemon:
         if not worker:  # a worker serves only the private status address its supervisor gave it
             addresses += [s.config.status for s in states if s.config.status is not None]
         self.status_addresses = list(dict.fromkeys(addresses))  # each once, in order
-        self.reloads = 0
         self._stopping = False
         self._stop_time = 0.0
         self._reload_lock = trio.Lock()
@@ -113,7 +112,7 @@ class Daemon:
                 self.stop()
             else:
                 log.info("second %s: closing every connection now", signal.Signals(signum).name)
-                for tunnel in [*self.tunnels, *self._retiring]:
+                for tunnel in self.all_tunnels():
                     tunnel.abort()
 
     async def _watch_supervisor(self, supervisor: int) -> None:
@@ -129,7 +128,7 @@ class Daemon:
         self._stopping = True
         self._stop_time = time.monotonic()
         self.notifier.stopping()
-        for tunnel in [*self.tunnels, *self._retiring]:
+        for tunnel in self.all_tunnels():
             tunnel.stop()
 
     # -- reload --------------------------------------------------------------------
@@ -190,9 +189,8 @@ class Daemon:
             for tunnel in starting:
                 tunnel.stop()
         self._retiring = [t for t in self._retiring if t.connections or t.listening]
-        for tunnel in [*self.tunnels, *self._retiring]:
+        for tunnel in self.all_tunnels():
             tunnel.revalidate()
-        self.reloads += 1
         for tunnel in self.tunnels:
             for warning in tunnel.state.warnings:
                 log.warning("certificate expires soon: %s", warning)
@@ -204,9 +202,7 @@ class Daemon:
         with contextlib.suppress(ConfigError):
             files.update(find_files(self.paths))
         for tunnel in self.tunnels:
-            config = tunnel.state.config
-            files.add(config.source)
-            files.update(p for p in (config.tls.cert, config.tls.key, config.tls.ca, config.tls.crl) if p)
+            files.update(tunnel.state.config.files())
         return sorted(files), [p for p in self.paths if p.is_dir()]
 
     async def _watch_files(self) -> None:

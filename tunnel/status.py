@@ -117,11 +117,11 @@ class StatusServer:
         tunnels = self._tunnels()
         if path == "/healthz":
             ok, body = health(tunnels)
-            return ("200 OK" if ok else "503 Service Unavailable"), "application/json", _json(body)
+            return ("200 OK" if ok else "503 Service Unavailable"), "application/json", json_body(body)
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, self._metrics.text()
         if path == "/connections":
-            return "200 OK", "application/json", _json({"connections": connections(tunnels)})
+            return "200 OK", "application/json", json_body({"connections": connections(tunnels)})
         return "404 Not Found", "text/plain", NOT_FOUND
 
 
@@ -143,7 +143,8 @@ async def _read_request(stream: trio.SocketStream) -> tuple[str, str] | None:
     return parts[0], parts[1]
 
 
-def _json(value: object) -> bytes:
+def json_body(value: object) -> bytes:
+    """A JSON response body."""
     return (json.dumps(value, indent=2) + "\n").encode()
 
 

@@ -17,6 +17,7 @@ The supervisor does what there must be only one of:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,11 +33,11 @@ from typing import Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tunnel.config import Address, ConfigError, TunnelConfig, find_files
+from tunnel.config import Address, ConfigError, TunnelConfig, find_files, load_paths
 from tunnel.logs import event
 from tunnel.metrics import merge_texts
 from tunnel.notify import Notifier
-from tunnel.status import NOT_FOUND, serve_http
+from tunnel.status import NOT_FOUND, json_body, serve_http
 from tunnel.watch import DEFAULT_INTERVAL, watch
 
 log = logging.getLogger("tunnel")
@@ -197,6 +198,8 @@ class Supervisor:
     async def reload(self) -> None:
         if self._stopping:
             return
+        with contextlib.suppress(ConfigError):  # the workers report a bad file themselves
+            self.configs = load_paths(self.paths)  # what to watch from now on
         self.notifier.reloading()
         self._ready = 0
         self._send_all(signal.SIGHUP)
@@ -205,15 +208,10 @@ class Supervisor:
 
     def _watched(self) -> tuple[list[Path], list[Path]]:
         files: set[Path] = set()
-        try:
-            from tunnel.config import load_paths
-
+        with contextlib.suppress(ConfigError):
             files.update(find_files(self.paths))
-            for config in load_paths(self.paths):
-                tls = config.tls
-                files.update(p for p in (tls.cert, tls.key, tls.ca, tls.crl) if p)
-        except ConfigError:
-            pass
+        for config in self.configs:
+            files.update(config.files())
         return sorted(files), [p for p in self.paths if p.is_dir()]
 
     async def _watch_files(self) -> None:
@@ -245,14 +243,14 @@ class Supervisor:
             for index, (_, body) in enumerate(answers):
                 for row in json.loads(body)["connections"] if body else []:
                     rows.append({**row, "worker": index})
-            return "200 OK", "application/json", _json({"connections": rows})
+            return "200 OK", "application/json", json_body({"connections": rows})
         ok = all(code == 200 for code, _ in answers)
         tunnels: dict[str, str] = {}
         for _, body in answers:
             for name, state in (json.loads(body)["tunnels"] if body else {}).items():
                 tunnels[name] = state if tunnels.get(name, "listening") == "listening" else tunnels[name]
         doc = {"status": "ok" if ok else "unavailable", "tunnels": tunnels, "workers": self.count}
-        return ("200 OK" if ok else "503 Service Unavailable"), "application/json", _json(doc)
+        return ("200 OK" if ok else "503 Service Unavailable"), "application/json", json_body(doc)
 
     async def _ask(self, index: int, path: str) -> tuple[int, bytes]:
         """GET `path` from one worker's private status socket: (HTTP status, body)."""
@@ -271,7 +269,3 @@ class Supervisor:
             return int(head.split()[1]), body
         except (IndexError, ValueError):
             return 503, b""
-
-
-def _json(value: object) -> bytes:
-    return (json.dumps(value, indent=2) + "\n").encode()
