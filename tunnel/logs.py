@@ -48,6 +48,12 @@ def setup(log_format: str = "text") -> None:
         handler.setFormatter(JSONFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    # The logging HOWTO's "Optimization" switches: no caller lookup (a walk up the stack),
+    # thread, process or multiprocessing names per record; the lines never show them.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False

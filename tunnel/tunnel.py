@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -295,12 +296,13 @@ class Tunnel:
         client = TLSStream(sock, state.context, server_side=True)
         started = trio.current_time()
         try:
-            with trio.fail_after(config.limits.handshake_timeout):
+            # A bare cancel scope: trio.fail_after costs two context managers per connection.
+            with trio.CancelScope(deadline=started + config.limits.handshake_timeout) as deadline:
                 await client.do_handshake()
-        except trio.TooSlowError:
-            self._log_refused(conn, "handshake timeout")
-            client.abort()
-            return
+            if deadline.cancelled_caught:
+                self._log_refused(conn, "handshake timeout")
+                client.abort()
+                return
         except ssl.SSLError as exc:
             self._log_refused(conn, handshake_failure_reason(exc))
             # The alert has been sent: close with a FIN, not a reset, so a client that
@@ -625,9 +627,8 @@ async def dial_any(targets: tuple[Address, ...], seconds_each: float) -> tuple[s
     problems = []
     for target in targets:
         try:
-            with trio.fail_after(seconds_each):
+            with trio.CancelScope(deadline=trio.current_time() + seconds_each):
                 return await dial(target), target
-        except trio.TooSlowError:
             problems.append(f"{target}: connect timeout")
         except OSError as exc:
             problems.append(f"{target}: {exc.strerror or exc}")
@@ -640,13 +641,16 @@ async def dial(target: Address) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sockaddr: Any = target.path
     else:
-        infos = await trio.socket.getaddrinfo(
-            target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
-        if not infos:
-            raise OSError(errno.EHOSTUNREACH, f"no address for {target.host}")
-        family, type_, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, type_, proto)
+        resolved = _numeric_address(target.host, target.port)
+        if resolved is None:  # a name: resolve it on every dial, so DNS changes are followed
+            infos = await trio.socket.getaddrinfo(
+                target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+            if not infos:
+                raise OSError(errno.EHOSTUNREACH, f"no address for {target.host}")
+            resolved = infos[0][0], infos[0][4]
+        family, sockaddr = resolved
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
     try:
@@ -662,6 +666,18 @@ async def dial(target: Address) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+@functools.lru_cache(maxsize=256)
+def _numeric_address(host: str, port: int) -> tuple[socket.AddressFamily, Any] | None:
+    """(family, sockaddr) for an IP address literal, worked out once; None for a name."""
+    try:
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_NUMERICHOST
+        )
+    except socket.gaierror:
+        return None
+    return infos[0][0], infos[0][4]
 
 
 # -- logging ---------------------------------------------------------------------------
