@@ -67,6 +67,10 @@ class Daemon:
         self._reload_lock = trio.Lock()
         self._tunnel_nursery: trio.Nursery | None = None
 
+    def serving_tunnels(self) -> list[Tunnel]:
+        """The tunnels of the configuration in force (listening unless stopping)."""
+        return self.tunnels
+
     def all_tunnels(self) -> list[Tunnel]:
         """Serving tunnels first, then those a reload stopped that are still draining."""
         return [*self.tunnels, *self._retiring]
@@ -89,7 +93,7 @@ class Daemon:
                     helpers.start_soon(self._warn_about_expiry)
                     if self.worker:
                         helpers.start_soon(self._watch_supervisor, os.getppid())
-                    status_server = StatusServer(self.all_tunnels, self.metrics)
+                    status_server = StatusServer(self.all_tunnels, self.metrics, serving=self.serving_tunnels)
                     for address in self.status_addresses:
                         addresses[f"status {address}"] = await helpers.start(status_server.serve, address)
                     event(logging.INFO, "ready", "ready tunnels=%d", len(self.tunnels))

@@ -101,8 +101,18 @@ async def _handle(respond: Responder, stream: trio.SocketStream) -> None:
 class StatusServer:
     """Answers status requests about the tunnels `tunnels()` returns at request time."""
 
-    def __init__(self, tunnels: Callable[[], Sequence[Tunnel]], metrics: PrometheusMetrics) -> None:
+    def __init__(
+        self,
+        tunnels: Callable[[], Sequence[Tunnel]],
+        metrics: PrometheusMetrics,
+        *,
+        serving: Callable[[], Sequence[Tunnel]] | None = None,
+    ) -> None:
+        """`tunnels`: every tunnel with connections to show; `serving`: the ones health
+        is judged by (default: all). A tunnel a reload removed drains without listening,
+        and must not make the daemon look unhealthy meanwhile."""
         self._tunnels = tunnels
+        self._serving = serving or tunnels
         self._metrics = metrics
 
     async def serve(self, address: Address, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
@@ -116,7 +126,7 @@ class StatusServer:
             return "405 Method Not Allowed", "text/plain", b"only GET\n"
         tunnels = self._tunnels()
         if path == "/healthz":
-            ok, body = health(tunnels)
+            ok, body = health(self._serving())
             return ("200 OK" if ok else "503 Service Unavailable"), "application/json", json_body(body)
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, self._metrics.text()

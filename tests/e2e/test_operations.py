@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
 
 from tests.helpers import PKI, client_doc, free_port, server_doc, write_yaml
@@ -120,6 +121,29 @@ def test_healthz_connections_and_tunnel_status_show_who_is_connected(
         health = subprocess.run([*TUNNEL, "status", "--health", f"127.0.0.1:{status}"], capture_output=True, timeout=10)
         assert health.returncode == 1
     assert daemon.process.wait(timeout=10) == 0
+
+
+def test_a_tunnel_draining_after_a_reload_moved_it_does_not_make_the_daemon_unhealthy(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, port, status = start(pki_files, tmp_path, daemons, target.address, limits={"drain_timeout": "30s"})
+    with tls_client(pki_files, port, "app1") as held:
+        assert echo_once(held, b"x") == b"x"
+        moved = free_port()
+        doc = server_doc(pki_files, target.address, listen=f"127.0.0.1:{moved}", limits={"drain_timeout": "30s"})
+        doc["tls"]["crl"] = str(pki_files.dir / "crl.pem")
+        write_yaml(tmp_path / "edge.yaml", doc)
+        assert "reloaded" in daemon.reload()
+        # The old listener is closed and its connection drains; the new one serves.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        code, body = get(status, "/healthz")
+        assert (code, json.loads(body)) == (200, {"status": "ok", "tunnels": {"edge": "listening"}})
+        rows = json.loads(get(status, "/connections")[1])["connections"]
+        assert [r["identity"] for r in rows] == ["cn=app1"]
+        assert echo_once(held, b"still") == b"still"
+        with tls_client(pki_files, moved, "app2") as fresh:
+            assert echo_once(fresh, b"y") == b"y"
 
 
 def test_tunnel_status_without_a_daemon_says_so(tmp_path: Path) -> None:
