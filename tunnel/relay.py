@@ -46,7 +46,9 @@ async def relay(
         try:
             while True:
                 try:
-                    data = await src.receive_some()
+                    # A view of a scratch buffer, no copy: send_all consumes it (encrypts
+                    # it, or copies what the socket does not take) before it first yields.
+                    data = await src.receive_view()
                 except StreamBroken as exc:
                     raise _Ended(f"{src_name}: {exc}") from exc
                 if not data:

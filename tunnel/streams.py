@@ -27,6 +27,11 @@ pair of `ssl.MemoryBIO`s over a plain non-blocking socket instead:
 Plain sockets are the same shape: `receive_some` (b"" is EOF), `send_all`, `send_eof`
 (shutdown SHUT_WR), `close`. Each stream checkpoints at least every few operations, so a
 fast peer cannot starve the other tasks.
+
+No copies on the relay's path: `receive_view` returns a view of a process-wide scratch
+buffer, valid until the caller next yields to trio, and `send_all` consumes it before it
+first yields (TLS encrypts it at once; a plain socket copies only what the kernel did not
+take before waiting to send the rest).
 """
 
 from __future__ import annotations
@@ -88,11 +93,17 @@ class _SocketIO:
             return n
 
     async def _send_raw(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of `data`. It may be a view of a scratch buffer: whatever the kernel
+        does not take at once is copied before waiting, so the caller's buffer is free
+        again as soon as this first yields."""
         view = memoryview(data)
+        copied = isinstance(data, bytes)  # immutable: nothing to protect
         while view:
             try:
                 n = self.sock.send(view)
             except BlockingIOError:
+                if not copied:
+                    view, copied = memoryview(bytes(view)), True
                 self._ready_streak = 0
                 await trio.lowlevel.wait_writable(self.sock)
                 continue
@@ -125,9 +136,14 @@ class PlainStream(_SocketIO):
     unclean_eof = False
 
     async def receive_some(self, max_bytes: int = RECEIVE_SIZE) -> bytes:
+        return bytes(await self.receive_view(max_bytes))
+
+    async def receive_view(self, max_bytes: int = RECEIVE_SIZE) -> memoryview:
+        """Like receive_some, without a copy: the view is valid until the caller next
+        yields to trio (it is the process-wide scratch buffer). For the relay."""
         view = _PLAIN_VIEW[: min(max_bytes, RECEIVE_SIZE)]
         n = await self._recv_into(view)
-        return bytes(view[:n])
+        return view[:n]
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._send_raw(data)
@@ -203,12 +219,17 @@ class TLSStream(_SocketIO):
 
     async def receive_some(self, max_bytes: int = RECEIVE_SIZE) -> bytes:
         """Every plaintext byte already decryptable (up to max_bytes); b"" at EOF."""
+        return bytes(await self.receive_view(max_bytes))
+
+    async def receive_view(self, max_bytes: int = RECEIVE_SIZE) -> memoryview:
+        """Like receive_some, without a copy where it can: the view is valid until the
+        caller next yields to trio (it may be the process-wide scratch buffer)."""
         if self._overflow:
             data = bytes(self._overflow[:max_bytes])
             del self._overflow[:max_bytes]
-            return data
+            return memoryview(data)
         if self._eof_received:
-            return b""
+            return memoryview(b"")
         limit = min(max_bytes, RECEIVE_SIZE)
         total = 0
         incoming = self._incoming
@@ -245,10 +266,11 @@ class TLSStream(_SocketIO):
             total += n
             if total >= limit:
                 break
-        data = bytes(_PLAIN_VIEW[:total])
-        if self._outgoing.pending:
+        if self._outgoing.pending:  # e.g. a KeyUpdate reply: flushing yields, so copy first
+            data = memoryview(bytes(_PLAIN_VIEW[:total]))
             await self._flush()
-        return data
+            return data
+        return _PLAIN_VIEW[:total]
 
     async def _fill(self) -> bool:
         """Move one socket read of ciphertext into the incoming BIO; False at TCP EOF."""

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from tests.helpers import PKI
-from tunnel.streams import TLSStream
+from tunnel.streams import PlainStream, TLSStream
 
 
 def server_context(p: PKI) -> ssl.SSLContext:
@@ -126,3 +126,44 @@ async def test_send_eof_keeps_bytes_openssl_holds_from_a_record_read_part_way(pk
             while len(first) + len(rest) < 5000:
                 rest += await ours.receive_some()
     assert first + rest == b"r" * 5000
+
+
+async def test_a_scratch_view_left_unsent_survives_the_scratch_being_reused() -> None:
+    """receive_view hands out the shared scratch buffer; a send that has to wait must have
+    copied what it still owes, because another receive reuses the buffer meanwhile."""
+    stalled_ours, stalled_peer = socket.socketpair()
+    feed_ours, feed_peer = socket.socketpair()
+    stalled = PlainStream(stalled_ours)
+    feed = PlainStream(feed_ours)
+    feed_peer.setblocking(False)
+    stalled_peer.setblocking(False)
+    first, second = b"A" * (4 * 1024 * 1024), b"B" * (64 * 1024)
+    received = bytearray()
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def forward_first() -> None:
+                    view = memoryview(bytearray(first))  # stands in for a scratch view
+                    sending = stalled.send_all(view)
+                    nursery.start_soon(reuse_and_drain, view)
+                    await sending  # blocks: the peer is not reading yet
+
+                async def reuse_and_drain(view: memoryview) -> None:
+                    await trio.sleep(0.05)
+                    view[:] = b"Z" * len(view)  # the buffer is reused while the send waits
+                    feed_peer.send(second)
+                    assert bytes(await feed.receive_view()) == second
+                    while len(received) < len(first):
+                        try:
+                            received.extend(stalled_peer.recv(1 << 20))
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_readable(stalled_peer)
+
+                nursery.start_soon(forward_first)
+        assert received == first
+    finally:
+        for sock in (stalled_peer, feed_peer):
+            sock.close()
+        stalled.close()
+        feed.close()
