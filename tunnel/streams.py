@@ -267,9 +267,9 @@ class TLSStream(_SocketIO):
             if total >= limit:
                 break
         if self._outgoing.pending:  # e.g. a KeyUpdate reply: flushing yields, so copy first
-            data = memoryview(bytes(_PLAIN_VIEW[:total]))
+            copy = memoryview(bytes(_PLAIN_VIEW[:total]))
             await self._flush()
-            return data
+            return copy
         return _PLAIN_VIEW[:total]
 
     async def _fill(self) -> bool:
