@@ -236,6 +236,8 @@ class Pair:
 
 SERVER_PEERS = ("tunnel", "stunnel4", "nginx", "haproxy")
 PAIR_PEERS = ("tunnel", "stunnel4")
+# For reference only (latency and redis): two bare trio forwarders, no TLS. See trio_forward.py.
+TRIO_FLOOR = "trio-floor"
 
 
 def start_server(procs: Processes, setup: Setup, peer: str, target: int, *, workers: int = 1) -> Server:
@@ -249,6 +251,8 @@ def start_server(procs: Processes, setup: Setup, peer: str, target: int, *, work
 
 
 def start_pair(procs: Processes, setup: Setup, peer: str, target: int) -> Pair:
+    if peer == TRIO_FLOOR:
+        return _trio_floor_pair(procs, setup, target)
     server = start_server(procs, setup, peer, target)
     port = free_port()
     if peer == "tunnel":
@@ -260,6 +264,17 @@ def start_pair(procs: Processes, setup: Setup, peer: str, target: int) -> Pair:
     client = procs.start(f"{peer}-client", argv)
     wait_listening(client, port)
     return Pair(peer, client, server.proc, port)
+
+
+def _trio_floor_pair(procs: Processes, setup: Setup, target: int) -> Pair:
+    """Two bare trio forwarders (bench/trio_forward.py), plain TCP: the event loop's floor."""
+    script = str(Path(__file__).resolve().parent / "trio_forward.py")
+    server_port, client_port = free_port(), free_port()
+    server = procs.start(f"{TRIO_FLOOR}-server", [setup.python, script, str(server_port), str(target)])
+    wait_listening(server, server_port)
+    client = procs.start(f"{TRIO_FLOOR}-client", [setup.python, script, str(client_port), str(server_port)])
+    wait_listening(client, client_port)
+    return Pair(TRIO_FLOOR, client, server, client_port)
 
 
 def tunnel_has_workers(python: str) -> bool:

@@ -100,6 +100,7 @@ DIRECT_ROWS = [
     ("bulk", "Bulk throughput (MiB/s)", "{:.0f}"),
     ("lat_pair_p50", "64 B round trip, p50 (µs)", "{:.0f}"),
     ("lat_pair_p99", "64 B round trip, p99 (µs)", "{:.0f}"),
+    ("lat_pair_cpu_us", "CPU of both forwarders per round trip (µs)", "{:.0f}"),
     ("redis_set", "redis-benchmark SET (req/s)", "{:.0f}"),
     ("redis_get", "redis-benchmark GET (req/s)", "{:.0f}"),
 ]
@@ -278,12 +279,15 @@ def markdown(results: Results, info: dict[str, Any]) -> str:
             *table,
             "",
         ]
-    table = _peer_table(results, DIRECT_ROWS, ["direct", "tunnel", "stunnel4"], ratios=False)
+    table = _peer_table(results, DIRECT_ROWS, ["direct", "trio-floor", "tunnel", "stunnel4"], ratios=False)
     if table:
         out += [
-            "## For reference: no tunnel at all",
+            "## For reference: no tunnel at all, and the event loop's floor",
             "",
             "`direct`: the same client straight to the target (plaintext), in the same rounds.",
+            "`trio-floor`: a pair of bare trio forwarders (`bench/trio_forward.py`: plain TCP, no",
+            "TLS, no logging, relaying as the tunnel does) in place of the tunnel pair: what the",
+            "event loop alone costs per relayed message, the floor under the tunnel's latency.",
             "",
             *table,
             "",

@@ -34,6 +34,7 @@ from peers import (  # noqa: E402
     NGINX_STREAM_MODULE,
     PAIR_PEERS,
     SERVER_PEERS,
+    TRIO_FLOOR,
     Proc,
     Processes,
     Setup,
@@ -238,7 +239,7 @@ class Bench:
 
     def latency(self, rnd: int) -> None:
         ping = ["--rounds", str(self.settings.latency_rounds), "--size", str(self.settings.latency_size)]
-        for peer in (*PAIR_PEERS, "direct"):
+        for peer in (*PAIR_PEERS, TRIO_FLOOR, "direct"):
             pair = None if peer == "direct" else start_pair(self.procs, self.setup, peer, self.echo_port)
             try:
                 port = self.echo_port if pair is None else pair.port
@@ -321,7 +322,7 @@ class Bench:
     # -- 5. redis
 
     def redis(self, rnd: int, redis_port: int) -> None:
-        for peer in (*PAIR_PEERS, "direct"):
+        for peer in (*PAIR_PEERS, TRIO_FLOOR, "direct"):
             pair = None if peer == "direct" else start_pair(self.procs, self.setup, peer, redis_port)
             try:
                 port = redis_port if pair is None else pair.port
