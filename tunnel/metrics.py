@@ -10,7 +10,7 @@ the byte pump pays nothing for them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,6 +18,8 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from tunnel.tunnel import Tunnel
+
+_M = TypeVar("_M", Counter, Histogram)
 
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -108,22 +110,32 @@ class PrometheusMetrics:
             "tunnel_last_reload_timestamp_seconds", "When the last reload was attempted.", registry=r
         )
         self._last_reload_ok.set(1)
+        self._children: dict[tuple[object, ...], object] = {}
         r.register(_LiveCollector(tunnels))
 
     def opened(self, tunnel: str) -> None:
-        self._opened.labels(tunnel).inc()
+        self._child(self._opened, tunnel).inc()
 
     def closed(self, tunnel: str, why: str) -> None:
-        self._closed.labels(tunnel, close_label(why)).inc()
+        self._child(self._closed, tunnel, close_label(why)).inc()
 
     def refused(self, tunnel: str, reason: str) -> None:
-        self._refused.labels(tunnel, refusal_label(reason)).inc()
+        self._child(self._refused, tunnel, refusal_label(reason)).inc()
 
     def handshake_seconds(self, tunnel: str, seconds: float) -> None:
-        self._handshake.labels(tunnel).observe(seconds)
+        self._child(self._handshake, tunnel).observe(seconds)
 
     def connect_seconds(self, tunnel: str, seconds: float) -> None:
-        self._connect.labels(tunnel).observe(seconds)
+        self._child(self._connect, tunnel).observe(seconds)
+
+    def _child(self, metric: _M, *labels: str) -> _M:
+        """metric.labels(*labels), remembered: `labels` costs a few dozen calls, and every
+        connection counts four times. The label values are bounded (tunnel names, reasons)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child  # type: ignore[return-value]
 
     def reloaded(self, ok: bool, when: float) -> None:
         self._reloads.labels("success" if ok else "failure").inc()

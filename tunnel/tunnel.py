@@ -657,10 +657,15 @@ async def dial(target: Address) -> socket.socket:
         try:
             sock.connect(sockaddr)
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                raise OSError(error, os.strerror(error)) from None
+            # A local target has often accepted by now: ask again before waiting.
+            error = sock.connect_ex(sockaddr)
+            if error not in (0, errno.EISCONN):
+                if error not in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN):
+                    raise OSError(error, os.strerror(error)) from None
+                await trio.lowlevel.wait_writable(sock)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    raise OSError(error, os.strerror(error)) from None
     except BaseException:
         trio.lowlevel.notify_closing(sock)
         sock.close()
