@@ -45,6 +45,14 @@ class PKI:
         cert = x509.load_pem_x509_certificate(self.crt(name).read_bytes())
         return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
+    def server_context(self) -> ssl.SSLContext:
+        """A plain stdlib server context presenting `server`, requiring a client certificate."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.crt("server"), self.key("server"))
+        ctx.load_verify_locations(self.ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
     def client_context(self, name: str, *, ca: Path | None = None) -> ssl.SSLContext:
         """A plain stdlib client context presenting `name` (from this CA or `other`)."""
         ctx = ssl.create_default_context(cafile=str(ca or self.ca))

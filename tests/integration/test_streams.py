@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,19 +13,11 @@ from tests.helpers import PKI
 from tunnel.streams import PlainStream, TLSStream
 
 
-def server_context(p: PKI) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(p.crt("server"), p.key("server"))
-    ctx.load_verify_locations(p.ca)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
 @asynccontextmanager
 async def connected(p: PKI) -> AsyncIterator[tuple[TLSStream, trio.SSLStream[trio.SocketStream]]]:
     """Our TLSStream (server side) and a trio.SSLStream client, handshaken."""
     ours_sock, peer_sock = socket.socketpair()
-    ours = TLSStream(ours_sock, server_context(p), server_side=True)
+    ours = TLSStream(ours_sock, p.server_context(), server_side=True)
     peer = trio.SSLStream(
         trio.SocketStream(trio.socket.from_stdlib_socket(peer_sock)),
         p.client_context("app1"),

@@ -14,14 +14,6 @@ from tunnel.session_cache import SESSION_CACHE_SIZE, limit_session_cache, use_se
 from tunnel.tls import build_context
 
 
-def plain_server_context(p: PKI) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(p.crt("server"), p.key("server"))
-    ctx.load_verify_locations(p.ca)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
 def connect(
     client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
 ) -> ssl.SSLObject:
@@ -66,7 +58,7 @@ def test_a_server_tunnel_context_resumes_from_its_session_cache(pki_files: PKI, 
 
 
 def test_the_cache_keeps_at_most_its_size_and_the_newest_sessions(pki_files: PKI) -> None:
-    server_ctx = plain_server_context(pki_files)
+    server_ctx = pki_files.server_context()
     assert use_session_cache(server_ctx, 3)
     client_ctx = pki_files.client_context("app1")
     sessions = [connect(client_ctx, server_ctx).session for _ in range(6)]
@@ -78,7 +70,7 @@ def test_the_cache_keeps_at_most_its_size_and_the_newest_sessions(pki_files: PKI
 
 
 def test_without_a_bounded_cache_the_context_keeps_stateless_tickets(pki_files: PKI) -> None:
-    server_ctx = plain_server_context(pki_files)
+    server_ctx = pki_files.server_context()
     assert limit_session_cache(server_ctx, 5)
     # Set once already: the handle no longer looks like a fresh context's, so hands off.
     assert not use_session_cache(server_ctx, 7)
@@ -91,6 +83,6 @@ def test_without_a_bounded_cache_the_context_keeps_stateless_tickets(pki_files: 
 
 @pytest.mark.parametrize("size", [0, -1])
 def test_a_cache_size_below_one_is_not_set(pki_files: PKI, size: int) -> None:
-    server_ctx = plain_server_context(pki_files)
+    server_ctx = pki_files.server_context()
     assert not use_session_cache(server_ctx, size)
     assert not server_ctx.options & ssl.OP_NO_TICKET
