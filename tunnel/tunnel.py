@@ -656,16 +656,23 @@ async def dial(target: Address) -> socket.socket:
     try:
         try:
             sock.connect(sockaddr)
-        except BlockingIOError:
+        except BlockingIOError as exc:
+            if exc.errno != errno.EINPROGRESS:
+                # EAGAIN is a refusal, not a connection in progress: a unix socket whose
+                # accept queue is full, or no local port left. Waiting would hand back a
+                # socket that never connected.
+                why = "its accept queue is full" if target.path is not None else "no local port is free"
+                raise OSError(exc.errno, why) from None
             # A local target has often accepted by now: ask again before waiting.
             error = sock.connect_ex(sockaddr)
             if error not in (0, errno.EISCONN):
-                if error not in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN):
+                if error not in (errno.EINPROGRESS, errno.EALREADY):
                     raise OSError(error, os.strerror(error)) from None
                 await trio.lowlevel.wait_writable(sock)
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if error:
                     raise OSError(error, os.strerror(error)) from None
+                sock.getpeername()  # ENOTCONN (an OSError) if it did not connect after all
     except BaseException:
         trio.lowlevel.notify_closing(sock)
         sock.close()
