@@ -78,6 +78,11 @@ def make_pki(root: Path) -> PKI:
 
 
 def _issue_expired(ca_dir: Path, name: str) -> None:
+    issue_client_until(ca_dir, name, dt.datetime.now(dt.UTC) - dt.timedelta(days=1), ca_dir)
+
+
+def issue_client_until(ca_dir: Path, name: str, not_after: dt.datetime, out: Path) -> None:
+    """A client certificate out/NAME.crt (+ .key) from the CA in ca_dir, valid until not_after."""
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -90,14 +95,14 @@ def _issue_expired(ca_dir: Path, name: str) -> None:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(days=30))
-        .not_valid_after(now - dt.timedelta(days=1))
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    (ca_dir / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (ca_dir / f"{name}.key").write_bytes(
+    (out / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / f"{name}.key").write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,

@@ -18,7 +18,7 @@ import socket
 import ssl
 import stat
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +321,12 @@ class Tunnel:
             return
         conn.identity = identity_from_der(der)
         conn.peer_der = der
+        if client.ssl.session_reused and conn.identity.not_after <= datetime.now(UTC):
+            # OpenSSL checks the certificate only in a full handshake, and a client that
+            # keeps resuming (each resumption brings a new ticket) never has another one.
+            self._log_refused(conn, "certificate expired", conn.identity)
+            client.abort()
+            return
         assert config.allow is not None
         decision = decide(conn.identity, config.allow)
         if not decision.allowed:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
+import logging
 import os
+import socket
 import ssl
 import warnings
 from pathlib import Path
@@ -17,6 +20,7 @@ from tests.helpers import (
     PKI,
     backend,
     echo,
+    issue_client_until,
     read_until_closed,
     running_tunnel,
     server_doc,
@@ -340,3 +344,47 @@ async def test_tls_1_3_client_that_writes_first_still_reads_the_alert(pki_files:
                 assert isinstance(cause, ssl.SSLError)
                 assert "CERTIFICATE_REQUIRED" in str(cause.reason), cause
     assert target.accepted == 0
+
+
+def _blocking_echo(ctx: ssl.SSLContext, address: str, session: ssl.SSLSession | None) -> tuple[ssl.SSLSocket, bytes]:
+    """One TLS connection with the stdlib (it can offer a session); returns it and the echo."""
+    host, _, port = address.rpartition(":")
+    raw = socket.create_connection((host, int(port)), timeout=5)
+    tls = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+    try:
+        tls.sendall(b"hi")
+        return tls, tls.recv(10)
+    except OSError:
+        return tls, b""
+
+
+async def test_a_resumed_session_is_refused_once_its_certificate_has_expired(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenSSL checks a certificate only in a full handshake; each resumption hands out a
+    new ticket, so a client that keeps resuming would never be checked again."""
+    caplog.set_level(logging.INFO, logger="tunnel")
+    expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=3)
+    issue_client_until(pki_files.dir, "brief", expires, tmp_path)
+    ctx = pki_files.client_context("")
+    ctx.load_cert_chain(tmp_path / "brief.crt", tmp_path / "brief.key")
+    async with backend(echo) as target:
+        doc = server_doc(pki_files, target.address, allow={"cn": ["brief"]})
+        async with running_tunnel(write_yaml(tmp_path / "s.yaml", doc)) as (_, address):
+            first, data = await trio.to_thread.run_sync(_blocking_echo, ctx, address, None)
+            assert data == b"hi"
+            session = first.session
+            with trio.fail_after(5):
+                await trio.to_thread.run_sync(first.unwrap)  # a clean close keeps the session cached
+            first.close()
+            await trio.sleep((expires - dt.datetime.now(dt.UTC)).total_seconds() + 1.1)
+            again, data = await trio.to_thread.run_sync(_blocking_echo, ctx, address, session)
+            resumed = again.session_reused
+            again.close()
+            assert resumed  # so only the tunnel's own check can refuse it
+            assert data == b""
+            await wait_for_log(caplog, "refused: certificate expired")
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused:")]
+    assert len(refused) == 1
+    assert refused[0].startswith("refused: certificate expired tunnel=s peer=")
+    assert refused[0].endswith(" identity=cn=brief")  # named: refused after the handshake, by the tunnel
