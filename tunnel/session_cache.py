@@ -11,11 +11,15 @@ The cache must be bounded: each entry holds the client's parsed certificate (abo
 measured), and OpenSSL's default of 20,480 entries would be some 200 MB. Python's `ssl`
 module cannot set the cache size, so `limit_session_cache` calls OpenSSL's
 `SSL_CTX_ctrl` on the context through ctypes, from the very libssl the `ssl` module is
-linked to. Finding the `SSL_CTX *` means reading the first field of the stdlib's context
-object; before touching it, three facts must agree (its options and verify mode as
-OpenSSL reports them, and the cache size a fresh context starts with). If anything
-differs (another Python build, another OpenSSL), nothing is called and the caller keeps
-stateless tickets: slower resumption, same security.
+linked to. Finding the `SSL_CTX *` means reading the first field of CPython's context
+object (`PySSLContext`: the header, then `SSL_CTX *ctx`; so from CPython 3.7 to 3.13).
+Only on CPython, only for an instance of `_ssl._SSLContext` itself, and only if that type
+is big enough to hold the field, is the pointer read; then three values OpenSSL reports
+for it must match what the `ssl` module says (options, verify mode, and the cache size
+a fresh context starts with) before the size is set. Those three are read through the
+pointer, so the guard is the layout check before them, not a way to survive a wrong
+pointer. If any check fails the cache size is left alone and the caller keeps stateless
+tickets: slower resumption, same security.
 
 A reload builds a new context and so an empty cache: a session never outlives the
 trust settings (CA, CRL) it was established under.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import ssl
+import sys
 from functools import cache
 
 SESSION_CACHE_SIZE = 1024
@@ -58,7 +63,12 @@ def limit_session_cache(ctx: ssl.SSLContext, size: int) -> bool:
 
 def _ssl_ctx_pointer(ctx: ssl.SSLContext, lib: ctypes.CDLL) -> int | None:
     """The context's `SSL_CTX *`: the first field after the object header, if it checks out."""
-    if type(ctx).__mro__[-2].__name__ != "_SSLContext":
+    import _ssl
+
+    base = _ssl._SSLContext
+    if sys.implementation.name != "cpython" or not isinstance(ctx, base):
+        return None
+    if base.__basicsize__ < object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p):
         return None
     handle = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
     if not handle:

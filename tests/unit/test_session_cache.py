@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -86,3 +87,11 @@ def test_a_cache_size_below_one_is_not_set(pki_files: PKI, size: int) -> None:
     server_ctx = pki_files.server_context()
     assert not use_session_cache(server_ctx, size)
     assert not server_ctx.options & ssl.OP_NO_TICKET
+
+
+def test_something_that_is_not_a_stdlib_context_is_left_alone() -> None:
+    class Imitation:  # has the attributes, not the layout
+        options = ssl.OP_ALL
+        verify_mode = ssl.CERT_REQUIRED
+
+    assert not use_session_cache(cast(ssl.SSLContext, Imitation()), 3)
