@@ -170,6 +170,11 @@ class Daemon:
                 _reload_failed(exc)
                 return False
 
+        # Start the new listeners first; from here to the swap below nothing yields, so
+        # /healthz never sees a stopped tunnel among the serving ones.
+        assert self._tunnel_nursery is not None
+        for tunnel in starting:
+            await self._tunnel_nursery.start(tunnel.serve)
         kept: list[Tunnel] = []
         for name, tunnel in current.items():
             new = states.get(name)
@@ -185,9 +190,6 @@ class Daemon:
             else:
                 tunnel.replace_state(new)
                 kept.append(tunnel)
-        assert self._tunnel_nursery is not None
-        for tunnel in starting:
-            await self._tunnel_nursery.start(tunnel.serve)
         self.tunnels = kept + starting
         if self._stopping:  # a stop signal came while the new tunnels were starting
             for tunnel in starting:
