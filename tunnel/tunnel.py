@@ -13,6 +13,7 @@ import errno
 import functools
 import itertools
 import logging
+import math
 import os
 import socket
 import ssl
@@ -633,25 +634,29 @@ async def dial_any(targets: tuple[Address, ...], seconds_each: float) -> tuple[s
     problems = []
     for target in targets:
         try:
-            with trio.CancelScope(deadline=trio.current_time() + seconds_each):
-                return await dial(target), target
-            problems.append(f"{target}: connect timeout")
+            return await dial(target, trio.current_time() + seconds_each), target
         except OSError as exc:
             problems.append(f"{target}: {exc.strerror or exc}")
     raise TargetUnavailable("; ".join(problems))
 
 
-async def dial(target: Address) -> socket.socket:
-    """Open a non-blocking connection to one target."""
+async def dial(target: Address, deadline: float = math.inf) -> socket.socket:
+    """Open a non-blocking connection to one target; TimeoutError ("connect timeout") if
+    it takes past `deadline`. A deadline costs a cancel scope only where there is a wait:
+    a local target has usually accepted before connect() returns."""
     if target.path is not None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sockaddr: Any = target.path
     else:
         resolved = _numeric_address(target.host, target.port)
         if resolved is None:  # a name: resolve it on every dial, so DNS changes are followed
-            infos = await trio.socket.getaddrinfo(
-                target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-            )
+            infos = None
+            with trio.move_on_at(deadline):
+                infos = await trio.socket.getaddrinfo(
+                    target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+                )
+            if infos is None:
+                raise TimeoutError(errno.ETIMEDOUT, "connect timeout")
             if not infos:
                 raise OSError(errno.EHOSTUNREACH, f"no address for {target.host}")
             resolved = infos[0][0], infos[0][4]
@@ -674,7 +679,10 @@ async def dial(target: Address) -> socket.socket:
             if error not in (0, errno.EISCONN):
                 if error not in (errno.EINPROGRESS, errno.EALREADY):
                     raise OSError(error, os.strerror(error)) from None
-                await trio.lowlevel.wait_writable(sock)
+                with trio.move_on_at(deadline) as waiting:
+                    await trio.lowlevel.wait_writable(sock)
+                if waiting.cancelled_caught:
+                    raise TimeoutError(errno.ETIMEDOUT, "connect timeout") from None
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if error:
                     raise OSError(error, os.strerror(error)) from None
