@@ -53,3 +53,34 @@ async def test_dial_any_moves_on_from_a_full_unix_target(tmp_path: Path) -> None
     finally:
         for sock in (listener, *queued):
             sock.close()
+
+
+async def test_a_target_named_by_a_host_name_is_resolved_and_dialled() -> None:
+    family, _, _, _, sockaddr = socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.bind(sockaddr[:2])
+        listener.listen()
+        port = listener.getsockname()[1]
+        with trio.fail_after(5):
+            sock = await dial(Address("localhost", port), trio.current_time() + 5)
+        with sock:
+            assert sock.getpeername()[1] == port
+
+
+async def test_a_connect_that_does_not_finish_by_the_deadline_times_out() -> None:
+    with socket.socket() as blackhole:  # a full backlog: the kernel drops further SYNs
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        fillers = []
+        try:
+            for _ in range(8):
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(blackhole.getsockname())
+                fillers.append(filler)
+            port = blackhole.getsockname()[1]
+            with trio.fail_after(5), pytest.raises(TimeoutError, match="connect timeout"):
+                await dial(Address("127.0.0.1", port), trio.current_time() + 0.3)
+        finally:
+            for filler in fillers:
+                filler.close()
