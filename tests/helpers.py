@@ -16,7 +16,7 @@ import trio
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tunnel import pki
@@ -78,37 +78,60 @@ def make_pki(root: Path) -> PKI:
 
 
 def _issue_expired(ca_dir: Path, name: str) -> None:
-    issue_client_until(ca_dir, name, dt.datetime.now(dt.UTC) - dt.timedelta(days=1), ca_dir)
-
-
-def issue_client_until(ca_dir: Path, name: str, not_after: dt.datetime, out: Path) -> None:
-    """A client certificate out/NAME.crt (+ .key) from the CA in ca_dir, valid until not_after."""
-    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
-    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    issue_dated(ca_dir, name, not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1))
+
+
+CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def ca_material(ca_dir: Path) -> tuple[x509.Certificate, CAKey]:
+    cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    return cert, key
+
+
+def issue_dated(
+    ca_dir: Path,
+    name: str,
+    *,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    kind: str = "client",
+    out: Path | None = None,
+) -> tuple[Path, Path]:
+    """NAME.crt/NAME.key (in `out`, default ca_dir) signed by the CA in ca_dir, with any
+    validity: what `pki.issue` will not make. A client certificate, or a server one for
+    localhost."""
+    ca_cert, ca_key = ca_material(ca_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=30))
+        .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
     )
-    (out / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / f"{name}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    if kind == "server":
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        ).add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+    else:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        ).add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    directory = out or ca_dir
+    crt_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
+    return crt_path, key_path
 
 
 def write_yaml(path: Path, document: dict[str, Any]) -> Path:

@@ -20,7 +20,7 @@ from tests.helpers import (
     PKI,
     backend,
     echo,
-    issue_client_until,
+    issue_dated,
     read_until_closed,
     running_tunnel,
     server_doc,
@@ -365,7 +365,7 @@ async def test_a_resumed_session_is_refused_once_its_certificate_has_expired(
     new ticket, so a client that keeps resuming would never be checked again."""
     caplog.set_level(logging.INFO, logger="tunnel")
     expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=3)
-    issue_client_until(pki_files.dir, "brief", expires, tmp_path)
+    issue_dated(pki_files.dir, "brief", not_before=expires - dt.timedelta(days=30), not_after=expires, out=tmp_path)
     ctx = pki_files.client_context("")
     ctx.load_cert_chain(tmp_path / "brief.crt", tmp_path / "brief.key")
     async with backend(echo) as target:

@@ -18,10 +18,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.helpers import PKI, client_doc, make_pki, server_doc, write_yaml
+from tests.helpers import PKI, ca_material, client_doc, issue_dated, make_pki, server_doc, write_yaml
 from tunnel import pki
 from tunnel.config import ConfigError, TunnelConfig, load_file
 from tunnel.tls import EXPIRY_WARNING, Trust, build_context, chains_to, check_certificates, load_trust
@@ -32,40 +30,6 @@ X509_V_ERR_HOSTNAME_MISMATCH = 62
 X509_V_ERR_IP_ADDRESS_MISMATCH = 64
 
 # -- certificates and CRLs that pki cannot make --------------------------------------------
-
-CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-
-
-def ca_material(ca_dir: Path) -> tuple[x509.Certificate, CAKey]:
-    cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
-    key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
-    return cert, key
-
-
-def issue_dated(ca_dir: Path, name: str, *, not_before: dt.datetime, not_after: dt.datetime) -> tuple[Path, Path]:
-    """A server certificate NAME.crt/NAME.key signed by the CA in ca_dir, with any validity."""
-    ca_cert, ca_key = ca_material(ca_dir)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    crt_path, key_path = ca_dir / f"{name}.crt", ca_dir / f"{name}.key"
-    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return crt_path, key_path
 
 
 def write_crl(
@@ -374,7 +338,9 @@ def test_check_certificates_good_certificate_no_warnings(p: PKI) -> None:
 
 
 def test_check_certificates_warns_about_a_certificate_expiring_in_10_days(p: PKI) -> None:
-    crt, key = issue_dated(p.dir, "soon", not_before=NOW - dt.timedelta(days=1), not_after=NOW + dt.timedelta(days=10))
+    crt, key = issue_dated(
+        p.dir, "soon", not_before=NOW - dt.timedelta(days=1), not_after=NOW + dt.timedelta(days=10), kind="server"
+    )
 
     warnings = check_certificates(server_config(p, cert=crt, key=key), now=NOW)
 
@@ -387,7 +353,7 @@ def test_check_certificates_warns_about_a_certificate_expiring_in_10_days(p: PKI
 
 def test_check_certificates_expiry_warning_boundary(p: PKI) -> None:
     not_after = NOW + dt.timedelta(days=100)
-    crt, key = issue_dated(p.dir, "later", not_before=NOW - dt.timedelta(days=1), not_after=not_after)
+    crt, key = issue_dated(p.dir, "later", not_before=NOW - dt.timedelta(days=1), not_after=not_after, kind="server")
     config = server_config(p, cert=crt, key=key)
 
     assert check_certificates(config, now=not_after - EXPIRY_WARNING) == []
@@ -420,7 +386,7 @@ def test_check_certificates_refuses_an_expired_certificate(p: PKI) -> None:
 
 def test_check_certificates_refuses_a_certificate_not_yet_valid(p: PKI) -> None:
     crt, key = issue_dated(
-        p.dir, "future", not_before=NOW + dt.timedelta(days=2), not_after=NOW + dt.timedelta(days=90)
+        p.dir, "future", not_before=NOW + dt.timedelta(days=2), not_after=NOW + dt.timedelta(days=90), kind="server"
     )
     config = server_config(p, cert=crt, key=key)
 
