@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from tests import helpers
 from tests.helpers import PKI
 from tests.system.services import LOCALHOST, require_tool
 
@@ -192,32 +193,15 @@ def server_doc(
     allow_cn: list[str] | None = None,
 ) -> dict[str, Any]:
     """A server tunnel: TLS in on 127.0.0.1:port (server cert), plaintext out to target."""
-    return {
-        "name": name,
-        "mode": "server",
-        "listen": f"{LOCALHOST}:{port}",
-        "target": target,
-        "tls": {"cert": str(pki.crt("server")), "key": str(pki.key("server")), "ca": str(pki.ca)},
-        "allow": {"cn": allow_cn if allow_cn is not None else ["app1"]},
-        "limits": dict(TEST_LIMITS),
-    }
+    allow = {"cn": allow_cn if allow_cn is not None else ["app1"]}
+    return helpers.server_doc(pki, target, listen=address(port), name=name, allow=allow, limits=dict(TEST_LIMITS))
 
 
 def client_doc(pki: PKI, *, name: str, port: int, target: str, cert: str = "app1") -> dict[str, Any]:
     """A client tunnel: plaintext in on 127.0.0.1:port, TLS out to target as ``cert``."""
-    return {
-        "name": name,
-        "mode": "client",
-        "listen": f"{LOCALHOST}:{port}",
-        "target": target,
-        "tls": {
-            "cert": str(pki.crt(cert)),
-            "key": str(pki.key(cert)),
-            "ca": str(pki.ca),
-            "server_name": "localhost",
-        },
-        "limits": dict(TEST_LIMITS),
-    }
+    doc = helpers.client_doc(pki, target, name=cert, listen=address(port), limits=dict(TEST_LIMITS))
+    doc["name"] = name
+    return doc
 
 
 def address(port: int) -> str:
