@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import os
 import re
 import reprlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -462,6 +463,17 @@ def find_files(paths: Iterable[Path]) -> list[Path]:
         else:
             raise ConfigError(path, "", "file not found")
     return files
+
+
+def watched_files(paths: Sequence[Path], configs: Iterable[TunnelConfig]) -> tuple[list[Path], list[Path]]:
+    """What to watch for a reload: (every file the configs name, plus the tunnel files the
+    PATH arguments hold now; the directories among the PATH arguments, for new files)."""
+    files: set[Path] = set()
+    with contextlib.suppress(ConfigError):
+        files.update(find_files(paths))
+    for config in configs:
+        files.update(config.files())
+    return sorted(files), [p for p in paths if p.is_dir()]
 
 
 def load_paths(paths: Iterable[Path]) -> list[TunnelConfig]:

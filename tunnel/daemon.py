@@ -3,7 +3,6 @@ were configured from changes), warn about expiring certificates, drain and stop.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -15,7 +14,7 @@ from typing import Any
 
 import trio
 
-from tunnel.config import Address, ConfigError, TunnelConfig, find_files, load_paths
+from tunnel.config import Address, ConfigError, TunnelConfig, load_paths, watched_files
 from tunnel.logs import event
 from tunnel.metrics import PrometheusMetrics
 from tunnel.notify import Notifier
@@ -204,12 +203,7 @@ class Daemon:
         return True
 
     def _watched(self) -> tuple[list[Path], list[Path]]:
-        files: set[Path] = set()
-        with contextlib.suppress(ConfigError):
-            files.update(find_files(self.paths))
-        for tunnel in self.tunnels:
-            files.update(tunnel.state.config.files())
-        return sorted(files), [p for p in self.paths if p.is_dir()]
+        return watched_files(self.paths, [tunnel.state.config for tunnel in self.tunnels])
 
     async def _watch_files(self) -> None:
         async def changed() -> None:

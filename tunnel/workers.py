@@ -33,7 +33,7 @@ from typing import Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tunnel.config import Address, ConfigError, TunnelConfig, find_files, load_paths
+from tunnel.config import Address, ConfigError, TunnelConfig, load_paths, watched_files
 from tunnel.logs import event
 from tunnel.metrics import merge_texts
 from tunnel.notify import Notifier
@@ -207,12 +207,7 @@ class Supervisor:
         self.notifier.ready(f"{self.count} workers listening")
 
     def _watched(self) -> tuple[list[Path], list[Path]]:
-        files: set[Path] = set()
-        with contextlib.suppress(ConfigError):
-            files.update(find_files(self.paths))
-        for config in self.configs:
-            files.update(config.files())
-        return sorted(files), [p for p in self.paths if p.is_dir()]
+        return watched_files(self.paths, self.configs)
 
     async def _watch_files(self) -> None:
         async def changed() -> None:
