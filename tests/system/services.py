@@ -234,6 +234,19 @@ class Redis:
     host: str = LOCALHOST
 
 
+def redis_benchmark(port: int, *, requests: int, clients: int = 50) -> tuple[dict[str, float], str]:
+    """``redis-benchmark -t get,set -q`` against 127.0.0.1:PORT: ({test: requests/s}, its output)."""
+    benchmark = require_tool("redis-benchmark")
+    argv = [benchmark, "-h", LOCALHOST, "-p", str(port), "-n", str(requests), "-c", str(clients), "-t", "get,set", "-q"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    # -q prints lines like "SET: 41666.67 requests per second, p50=0.055 msec"
+    # (with \r-separated progress updates before each final line).
+    rates = {
+        m.group(1): float(m.group(2)) for m in re.finditer(r"([A-Z]+): ([0-9.]+) requests per second", result.stdout)
+    }
+    return rates, result.stdout + result.stderr
+
+
 def redis_cli(port: int, *args: str, timeout: float = 10.0) -> str:
     """Run ``redis-cli -h 127.0.0.1 -p PORT ARGS...``; return stdout (stripped)."""
     cli = require_tool("redis-cli")

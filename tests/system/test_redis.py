@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from tests.helpers import PKI
-from tests.system.services import LOCALHOST, Redis, free_port, redis_cli, require_tool
+from tests.system.services import LOCALHOST, Redis, free_port, redis_benchmark, redis_cli, require_tool
 from tests.system.tunnel_process import (
     MIB,
     address,
@@ -36,23 +36,9 @@ def test_redis_through_tunnel_pair(redis_server: Redis, pki_files: PKI, tmp_path
         # ... and it really is in redis, not just echoed by something in between.
         assert redis_get_raw(redis_server.port, "big") == value
 
-        benchmark = require_tool("redis-benchmark")
-        argv = [benchmark, "-h", LOCALHOST, "-p", str(client_port)]
-        argv += ["-n", "20000", "-c", "20", "-t", "get,set", "-q"]
-        result = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        # -q prints "SET: 41666.67 requests per second, p50=0.055 msec" (after \r progress).
-        rates = {
-            m.group(1): float(m.group(2))
-            for m in re.finditer(r"\b(SET|GET): ([0-9.]+) requests per second", result.stdout)
-        }
+        rates, output = redis_benchmark(client_port, requests=20000, clients=20)
         print(f"redis-benchmark through the tunnel pair: {rates}")
-        assert set(rates) == {"SET", "GET"}, result.stdout + result.stderr
+        assert set(rates) == {"SET", "GET"}, output
         assert all(rate > 0 for rate in rates.values()), rates
 
         log = tunnel.log_text()
