@@ -104,6 +104,8 @@ class AllowRule:
     def __post_init__(self) -> None:
         normalized = frozenset(normalize_fingerprint(f) for f in self.fingerprint)
         object.__setattr__(self, "fingerprint", normalized)
+        # DNS names are case-insensitive (RFC 4343): compared lower-cased, folded once here.
+        object.__setattr__(self, "dns", frozenset(name.lower() for name in self.dns))
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,8 @@ def decide(identity: Identity, rule: AllowRule) -> Decision:
         return Decision(True, "allow.any")
     if identity.cn is not None and identity.cn in rule.cn:
         return Decision(True, f"allow.cn matched {identity.cn}")
-    allowed_dns = {name.lower() for name in rule.dns}  # DNS names are case-insensitive (RFC 4343)
     for dns in identity.dns:
-        if dns.lower() in allowed_dns:
+        if dns.lower() in rule.dns:
             return Decision(True, f"allow.dns matched {dns}")
     for uri in identity.uri:
         if uri in rule.uri:

@@ -272,7 +272,7 @@ class TLSStream(_SocketIO):
                 self.unclean_eof = True
                 n = 0
             except ssl.SSLError as exc:
-                raise StreamBroken(_ssl_reason(exc)) from exc
+                raise StreamBroken(ssl_reason(exc)) from exc
             if n == 0:
                 self._eof_received = True
                 break
@@ -303,7 +303,7 @@ class TLSStream(_SocketIO):
         try:
             self.ssl.write(data)
         except ssl.SSLError as exc:
-            raise StreamBroken(_ssl_reason(exc)) from exc
+            raise StreamBroken(ssl_reason(exc)) from exc
         await self._flush()
 
     async def send_eof(self) -> None:
@@ -321,7 +321,7 @@ class TLSStream(_SocketIO):
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 pass  # close_notify is queued; the peer's may come later
             except ssl.SSLError as exc:
-                raise StreamBroken(_ssl_reason(exc)) from exc
+                raise StreamBroken(ssl_reason(exc)) from exc
             await self._flush()
         if self.unclean_eof:
             _shutdown_write(self.sock)
@@ -385,10 +385,14 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _ssl_reason(exc: ssl.SSLError) -> str:
-    if exc.reason:
-        return "TLS error: " + str(exc.reason).replace("_", " ").lower()
-    return f"TLS error: {exc}"
+def ssl_reason(exc: ssl.SSLError) -> str:
+    """`TLS error: ` and OpenSSL's reason in words (`TLS error: wrong version number`)."""
+    return "TLS error: " + ssl_words(exc)
+
+
+def ssl_words(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason code in words (`WRONG_VERSION_NUMBER` → `wrong version number`)."""
+    return str(exc.reason).replace("_", " ").lower() if exc.reason else str(exc)
 
 
 Stream = PlainStream | TLSStream

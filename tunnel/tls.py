@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidSignature
 
 from tunnel.config import ConfigError, TLSConfig, TunnelConfig
 from tunnel.session_cache import use_session_cache
+from tunnel.streams import ssl_words
 
 # Mozilla "intermediate" TLS 1.2 suites (TLS 1.3 suites are all AEAD and always on).
 TLS12_CIPHERS = ":".join(
@@ -88,9 +89,7 @@ def _load_trust(ctx: ssl.SSLContext, source: Path, tls: TLSConfig) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason).replace("_", " ").lower()
-    return str(exc)
+    return ssl_words(exc) if isinstance(exc, ssl.SSLError) else str(exc)
 
 
 def check_certificates(config: TunnelConfig, *, now: datetime | None = None) -> list[str]:

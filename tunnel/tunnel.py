@@ -31,7 +31,7 @@ from tunnel.logs import event
 from tunnel.metrics import Metrics, NoMetrics
 from tunnel.proxy_protocol import v2_header
 from tunnel.relay import RelayStats, relay
-from tunnel.streams import PlainStream, StreamBroken, TLSStream
+from tunnel.streams import PlainStream, StreamBroken, TLSStream, ssl_reason
 from tunnel.tls import Trust, build_context, certificate_expiries, chains_to, check_certificates, load_trust
 
 log = logging.getLogger("tunnel")
@@ -754,7 +754,7 @@ def handshake_failure_reason(exc: ssl.SSLError) -> str:
     reason = str(exc.reason or "")
     if reason in _SSL_REASONS:
         return _SSL_REASONS[reason]
-    return f"TLS error: {reason.replace('_', ' ').lower() or exc}"
+    return ssl_reason(exc)
 
 
 def _format_peer(address: Any) -> str:
@@ -767,9 +767,10 @@ def _format_peer(address: Any) -> str:
 def _proxy_header(sock: socket.socket, conn: Connection, client: TLSStream) -> bytes:
     """PROXY v2: the client's address, the address it connected to, TLS version and CN."""
     tcp = isinstance(conn.address, tuple)
+    local = sock.getsockname() if tcp else None
     return v2_header(
         (conn.address[0], conn.address[1]) if tcp else None,
-        (sock.getsockname()[0], sock.getsockname()[1]) if tcp else None,
+        (local[0], local[1]) if local else None,
         tls_version=client.version(),
         common_name=conn.identity.cn if conn.identity else None,
         cert_in_session=True,
