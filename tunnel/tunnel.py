@@ -301,8 +301,7 @@ class Tunnel:
             with trio.CancelScope(deadline=started + config.limits.handshake_timeout) as deadline:
                 await client.do_handshake()
             if deadline.cancelled_caught:
-                self._log_refused(conn, "handshake timeout")
-                client.abort()
+                self._refuse(conn, client, "handshake timeout")
                 return
         except ssl.SSLError as exc:
             self._log_refused(conn, handshake_failure_reason(exc))
@@ -311,34 +310,29 @@ class Tunnel:
             client.close()
             return
         except StreamBroken as exc:
-            self._log_refused(conn, f"during handshake: {exc}")
-            client.abort()
+            self._refuse(conn, client, f"during handshake: {exc}")
             return
         self.metrics.handshake_seconds(self.name, trio.current_time() - started)
         der = client.peer_certificate()
         if der is None:  # CERT_REQUIRED makes this unreachable; refuse rather than trust that
-            self._log_refused(conn, "no certificate")
-            client.abort()
+            self._refuse(conn, client, "no certificate")
             return
         conn.identity = identity_from_der(der)
         conn.peer_der = der
         if client.ssl.session_reused and conn.identity.not_after <= datetime.now(UTC):
             # OpenSSL checks the certificate only in a full handshake, and a client that
             # keeps resuming (each resumption brings a new ticket) never has another one.
-            self._log_refused(conn, "certificate expired", conn.identity)
-            client.abort()
+            self._refuse(conn, client, "certificate expired", conn.identity)
             return
         assert config.allow is not None
         decision = decide(conn.identity, config.allow)
         if not decision.allowed:
-            self._log_refused(conn, decision.reason, conn.identity)
-            client.abort()
+            self._refuse(conn, client, decision.reason, conn.identity)
             return
         if self.state is not state:  # reloaded during the handshake: the new rules decide
             why = self.state.still_admits(conn)
             if why is not None:
-                self._log_refused(conn, why, conn.identity)
-                client.abort()
+                self._refuse(conn, client, why, conn.identity)
                 return
         dialled = await self._dial(config, conn, client)
         if dialled is None:
@@ -378,19 +372,19 @@ class Tunnel:
             raise
         started = trio.current_time()
         try:
-            with trio.fail_after(config.limits.handshake_timeout):
+            with trio.CancelScope(deadline=started + config.limits.handshake_timeout) as deadline:
                 await server.do_handshake()
-        except BaseException as exc:
+            reason = "handshake timeout" if deadline.cancelled_caught else None
+        except ssl.SSLError as exc:
+            reason = handshake_failure_reason(exc)
+        except StreamBroken as exc:
+            reason = str(exc)
+        except BaseException:
             server.abort()
-            if not isinstance(exc, (trio.TooSlowError, ssl.SSLError, StreamBroken)):
-                raise
-            reason = (
-                "handshake timeout"
-                if isinstance(exc, trio.TooSlowError)
-                else (handshake_failure_reason(exc) if isinstance(exc, ssl.SSLError) else str(exc))
-            )
-            self._log_refused(conn, f"server {target}: {reason}")
-            client.abort()
+            raise
+        if reason is not None:
+            server.abort()
+            self._refuse(conn, client, f"server {target}: {reason}")
             return
         self.metrics.handshake_seconds(self.name, trio.current_time() - started)
         der = server.peer_certificate()
@@ -460,6 +454,13 @@ class Tunnel:
             tls=tls,
             **where,
         )
+
+    def _refuse(
+        self, conn: Connection, stream: PlainStream | TLSStream, reason: str, identity: Identity | None = None
+    ) -> None:
+        """Log the refusal and close with a reset, so the peer cannot take it for a normal end."""
+        self._log_refused(conn, reason, identity)
+        stream.abort()
 
     def _log_refused(self, conn: Connection, reason: str, identity: Identity | None = None) -> None:
         self.metrics.refused(self.name, reason)
