@@ -56,14 +56,15 @@ def connections(tunnels: Sequence[Tunnel]) -> list[dict[str, Any]]:
     return rows
 
 
-Responder = Callable[[str, str], Awaitable[tuple[str, str, bytes]]]
+Responder = Callable[[str], Awaitable[tuple[str, str, bytes]]]
 
 
 async def serve_http(
     address: Address, respond: Responder, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve `respond(method, path) -> (status line, content type, body)` on a TCP address,
-    or on a unix socket path (a worker's private status address)."""
+    """Serve `respond(path) -> (status line, content type, body)` on a TCP address, or on a
+    unix socket path (a worker's private status address). Only GET is answered (405
+    otherwise), and the path reaches `respond` without its query string."""
     if address.path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address.path)
@@ -84,7 +85,11 @@ async def _handle(respond: Responder, stream: trio.SocketStream) -> None:
             request = await _read_request(stream)
             if request is None:
                 return
-            status, content_type, body = await respond(*request)
+            method, target = request
+            if method != "GET":
+                status, content_type, body = "405 Method Not Allowed", "text/plain", b"only GET\n"
+            else:
+                status, content_type, body = await respond(target.split("?", 1)[0])
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -118,12 +123,9 @@ class StatusServer:
     async def serve(self, address: Address, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         await serve_http(address, self.respond, task_status=task_status)
 
-    async def respond(self, method: str, path: str) -> tuple[str, str, bytes]:
-        """(status line, content type, body) for one request."""
+    async def respond(self, path: str) -> tuple[str, str, bytes]:
+        """(status line, content type, body) for a GET of `path` (no query string)."""
         await trio.lowlevel.checkpoint()
-        path = path.split("?", 1)[0]
-        if method != "GET":
-            return "405 Method Not Allowed", "text/plain", b"only GET\n"
         tunnels = self._tunnels()
         if path == "/healthz":
             ok, body = health(self._serving())

@@ -218,10 +218,7 @@ class Supervisor:
 
     # -- the status address ----------------------------------------------------------
 
-    async def respond(self, method: str, path: str) -> tuple[str, str, bytes]:
-        path = path.split("?", 1)[0]
-        if method != "GET":
-            return "405 Method Not Allowed", "text/plain", b"only GET\n"
+    async def respond(self, path: str) -> tuple[str, str, bytes]:
         if path not in ("/healthz", "/metrics", "/connections"):
             return "404 Not Found", "text/plain", NOT_FOUND
         answers = [await self._ask(index, path) for index in range(self.count)]

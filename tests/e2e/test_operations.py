@@ -146,6 +146,18 @@ def test_a_tunnel_draining_after_a_reload_moved_it_does_not_make_the_daemon_unhe
             assert echo_once(fresh, b"y") == b"y"
 
 
+def test_the_status_address_answers_get_only_and_ignores_a_query_string(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    _, _, status = start(pki_files, tmp_path, daemons, target.address)
+    assert get(status, "/healthz?verbose=1")[0] == 200
+    request = urllib.request.Request(f"http://127.0.0.1:{status}/healthz", data=b"", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    refused.value.close()
+    assert refused.value.code == 405
+
+
 def test_tunnel_status_without_a_daemon_says_so(tmp_path: Path) -> None:
     result = subprocess.run([*TUNNEL, "status", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=10)
     assert result.returncode == 1
