@@ -120,6 +120,7 @@ class Connection:
     address: Any = None  # the peer's socket address as accept() returned it
     stats: RelayStats = field(default_factory=RelayStats)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    closed_logged: bool = False  # its end is logged and counted (closed, or target unavailable)
 
 
 class Tunnel:
@@ -274,8 +275,9 @@ class Tunnel:
                     await self._serve_tls_client(state, sock, conn)
                 else:
                     await self._serve_plain_client(state, sock, conn)
-            if conn.cancel_scope.cancelled_caught and not conn.stats.why:
-                conn.stats.why = "closed by the daemon"
+            if conn.cancel_scope.cancelled_caught and not conn.closed_logged:
+                # Cancelled before the relay could say (mid-handshake, dialling, PROXY header).
+                conn.stats.why = conn.stats.why or "closed by the daemon"
                 self._log_closed(conn)
         except Exception:
             log.exception(
@@ -480,6 +482,7 @@ class Tunnel:
         )
 
     def _log_target_down(self, conn: Connection, why: str) -> None:
+        conn.closed_logged = True
         conn.stats.why = f"target unavailable: {why}"
         self.metrics.closed(self.name, conn.stats.why)
         event(
@@ -496,6 +499,7 @@ class Tunnel:
         )
 
     def _log_closed(self, conn: Connection) -> None:
+        conn.closed_logged = True
         stats = conn.stats
         self.metrics.closed(self.name, stats.why)
         identity = conn.identity.describe() if conn.identity else "-"

@@ -29,6 +29,8 @@ from tests.helpers import (
     tls_connect,
     write_yaml,
 )
+from tunnel.config import load_file
+from tunnel.tunnel import TunnelState
 
 
 async def roundtrip(p: PKI, address: str, name: str) -> bytes:
@@ -388,3 +390,37 @@ async def test_a_resumed_session_is_refused_once_its_certificate_has_expired(
     assert len(refused) == 1
     assert refused[0].startswith("refused: certificate expired tunnel=s peer=")
     assert refused[0].endswith(" identity=cn=brief")  # named: refused after the handshake, by the tunnel
+
+
+async def test_a_connection_cut_by_a_reload_while_dialling_is_logged_as_closed(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """revalidate() says why and cancels; a connection still dialling its target (here a
+    black hole) must still get its closed line, with that reason."""
+    caplog.set_level(logging.INFO, logger="tunnel")
+    with socket.socket() as blackhole:  # a full backlog: the kernel drops further SYNs
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        fillers = [socket.socket() for _ in range(8)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(blackhole.getsockname())
+            target = f"127.0.0.1:{blackhole.getsockname()[1]}"
+            doc = server_doc(pki_files, target, limits={"handshake_timeout": "5s", "connect_timeout": "5s"})
+            async with running_tunnel(write_yaml(tmp_path / "s.yaml", doc)) as (tunnel, address):
+                async with await tls_connect(pki_files, address, "app1"):
+                    with trio.fail_after(5):
+                        while not any(c.identity for c in tunnel.connections.values()):  # noqa: ASYNC110
+                            await trio.sleep(0.01)
+                    doc["allow"] = {"cn": ["app2"]}
+                    tunnel.replace_state(TunnelState.build(load_file(write_yaml(tmp_path / "s.yaml", doc))))
+                    tunnel.revalidate()
+                    await wait_for_log(caplog, "closed tunnel=")
+        finally:
+            for filler in fillers:
+                filler.close()
+    closed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("closed tunnel=")]
+    assert len(closed) == 1
+    assert "identity=cn=app1" in closed[0]
+    assert closed[0].endswith("why=closed on reload: no longer allowed (not allowed: matches none of allow.cn)")
