@@ -220,7 +220,8 @@ class Daemon:
             now = datetime.now(UTC)
             for tunnel in self.tunnels:
                 try:
-                    warnings = check_certificates(tunnel.state.config, now=now)
+                    state = tunnel.state
+                    warnings = check_certificates(state.config, now=now, certificates=state.certificates)
                 except ConfigError as exc:
                     warnings = [str(exc)]
                 for warning in warnings:

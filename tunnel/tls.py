@@ -92,14 +92,38 @@ def _reason(exc: BaseException) -> str:
     return ssl_words(exc) if isinstance(exc, ssl.SSLError) else str(exc)
 
 
-def check_certificates(config: TunnelConfig, *, now: datetime | None = None) -> list[str]:
+@dataclass(frozen=True)
+class Certificates:
+    """A tunnel's own certificate and the certificates of its CA file, parsed once."""
+
+    cert: x509.Certificate
+    cas: tuple[x509.Certificate, ...]
+
+    def expiries(self, tls: TLSConfig) -> list[tuple[Path, datetime]]:
+        """(file, not-after) for the certificate and the CA file (its earliest expiry)."""
+        return [
+            (tls.cert, self.cert.not_valid_after_utc),
+            (tls.ca, min(ca.not_valid_after_utc for ca in self.cas)),
+        ]
+
+
+def load_certificates(config: TunnelConfig) -> Certificates:
+    """Parse tls.cert and tls.ca (ConfigError naming the key if either is not PEM)."""
+    tls = config.tls
+    cert = _load_certificates(config.source, "tls.cert", tls.cert)[0]
+    return Certificates(cert, tuple(_load_certificates(config.source, "tls.ca", tls.ca)))
+
+
+def check_certificates(
+    config: TunnelConfig, *, now: datetime | None = None, certificates: Certificates | None = None
+) -> list[str]:
     """What `tunnel check` adds to building the context: the certificate chains to the
     tunnel's CA and is in date. ConfigError when it does not; warnings when it expires
-    within EXPIRY_WARNING."""
+    within EXPIRY_WARNING. Reads the files unless given them parsed."""
     now = now or datetime.now(UTC)
     tls = config.tls
-    cert = _load_certificate(config.source, "tls.cert", tls.cert)
-    cas = _load_certificates(config.source, "tls.ca", tls.ca)
+    parsed = certificates or load_certificates(config)
+    cert, cas = parsed.cert, parsed.cas
     if not any(_issued_by(cert, ca) for ca in cas):
         raise ConfigError(config.source, "tls.cert", f"{tls.cert} is not signed by the CA in {tls.ca}")
     warnings = []
@@ -130,10 +154,6 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
-def _load_certificate(source: Path, key: str, path: Path) -> x509.Certificate:
-    return _load_certificates(source, key, path)[0]
-
-
 def _load_certificates(source: Path, key: str, path: Path) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(path.read_bytes())
@@ -151,12 +171,15 @@ class Trust:
     crl_next_update: datetime | None
 
 
-def load_trust(config: TunnelConfig, *, now: datetime | None = None) -> Trust:
-    """Parse tls.ca and tls.crl. A CRL that does not parse, is not signed by the CA, or is
-    past its next update is a ConfigError: never a silent allow."""
+def load_trust(
+    config: TunnelConfig, *, now: datetime | None = None, cas: tuple[x509.Certificate, ...] | None = None
+) -> Trust:
+    """Parse tls.ca (unless given it parsed) and tls.crl. A CRL that does not parse, is not
+    signed by the CA, or is past its next update is a ConfigError: never a silent allow."""
     now = now or datetime.now(UTC)
     tls = config.tls
-    cas = tuple(_load_certificates(config.source, "tls.ca", tls.ca))
+    if cas is None:
+        cas = tuple(_load_certificates(config.source, "tls.ca", tls.ca))
     if tls.crl is None:
         return Trust(ca_certs=cas, revoked=frozenset(), crl_next_update=None)
     try:
@@ -196,15 +219,3 @@ def chains_to(cert_der: bytes, trust: Trust) -> bool:
     """Whether a peer's leaf certificate was issued by one of the tunnel's CA certificates."""
     cert = x509.load_der_x509_certificate(cert_der)
     return any(_issued_by(cert, ca) for ca in trust.ca_certs)
-
-
-def certificate_expiries(config: TunnelConfig) -> list[tuple[Path, datetime]]:
-    """(file, not-after) for the tunnel's certificate and its CA file (the earliest expiry
-    among the certificates in it)."""
-    tls = config.tls
-    cert = _load_certificate(config.source, "tls.cert", tls.cert)
-    cas = _load_certificates(config.source, "tls.ca", tls.ca)
-    return [
-        (tls.cert, cert.not_valid_after_utc),
-        (tls.ca, min(ca.not_valid_after_utc for ca in cas)),
-    ]

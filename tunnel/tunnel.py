@@ -32,7 +32,7 @@ from tunnel.metrics import Metrics, NoMetrics
 from tunnel.proxy_protocol import v2_header
 from tunnel.relay import RelayStats, relay
 from tunnel.streams import PlainStream, StreamBroken, TLSStream, ssl_reason
-from tunnel.tls import Trust, build_context, certificate_expiries, chains_to, check_certificates, load_trust
+from tunnel.tls import Certificates, Trust, build_context, chains_to, check_certificates, load_certificates, load_trust
 
 log = logging.getLogger("tunnel")
 
@@ -47,8 +47,8 @@ class TunnelState:
     config: TunnelConfig
     context: ssl.SSLContext
     trust: Trust
+    certificates: Certificates  # the tunnel's own certificate and CA, as loaded
     warnings: tuple[str, ...] = ()
-    expiries: tuple[tuple[Path, datetime], ...] = ()  # (file, not-after) for cert and CA
     # Client mode: the last TLS session per target, to resume instead of a full handshake.
     # Tied to `context`, so a reload (a new context) starts empty.
     sessions: dict[Address, ssl.SSLSession] = field(default_factory=dict, compare=False)
@@ -57,14 +57,20 @@ class TunnelState:
     def build(cls, config: TunnelConfig) -> TunnelState:
         """Validate everything the config names (ConfigError on the first problem)."""
         context = build_context(config)
-        warnings = check_certificates(config)
+        certificates = load_certificates(config)
+        warnings = check_certificates(config, certificates=certificates)
         return cls(
             config=config,
             context=context,
-            trust=load_trust(config),
+            trust=load_trust(config, cas=certificates.cas),
+            certificates=certificates,
             warnings=tuple(warnings),
-            expiries=tuple(certificate_expiries(config)),
         )
+
+    @property
+    def expiries(self) -> list[tuple[Path, datetime]]:
+        """(file, not-after) for the tunnel's certificate and CA file."""
+        return self.certificates.expiries(self.config.tls)
 
     def still_admits(self, conn: Connection) -> str | None:
         """Why an open connection's peer is no longer acceptable under this state, or None."""
