@@ -150,11 +150,11 @@ def ca_list(directory: Path) -> None:
     if not issued:
         click.echo(f"no certificates issued in {directory}")
         return
-    rows = [("NAME", "KIND", "SERIAL", "EXPIRES", "STATUS")]
-    rows += [(c.name, c.kind, f"{c.serial:x}", f"{c.not_after:%Y-%m-%d}", c.status()) for c in issued]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    from tunnel.status import text_table
+
+    rows = [[c.name, c.kind, f"{c.serial:x}", f"{c.not_after:%Y-%m-%d}", c.status()] for c in issued]
+    for line in text_table(["NAME", "KIND", "SERIAL", "EXPIRES", "STATUS"], rows):
+        click.echo(line)
 
 
 @ca.command("show")

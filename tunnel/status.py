@@ -191,12 +191,12 @@ def render(health_doc: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The terminal view of `tunnel status`: each tunnel's health, then who is connected."""
     lines = [f"status: {health_doc.get('status', '?')}", ""]
     tunnels = health_doc.get("tunnels", {})
-    lines += _table(["TUNNEL", "STATE", "OPEN"], [
+    lines += text_table(["TUNNEL", "STATE", "OPEN"], [
         [name, state, str(sum(1 for r in rows if r["tunnel"] == name))] for name, state in tunnels.items()
     ])  # fmt: skip
     lines.append("")
     if rows:
-        lines += _table(
+        lines += text_table(
             ["TUNNEL", "PEER", "IDENTITY", "SINCE", "IN", "OUT"],
             [
                 [r["tunnel"], r["peer"], r["identity"] or "-", r["since"], _size(r["bytes_in"]), _size(r["bytes_out"])]
@@ -208,7 +208,8 @@ def render(health_doc: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Columns padded to their widest cell, two spaces apart; one line per row."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
             for row in [header, *rows]]  # fmt: skip
