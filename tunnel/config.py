@@ -454,12 +454,14 @@ def find_files(paths: Iterable[Path]) -> list[Path]:
             found = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
             if not found:
                 raise ConfigError(path, "", "no *.yaml files in this directory")
-            files.extend(p for p in found if p.resolve() not in seen)
-            seen.update(p.resolve() for p in found)
+            resolved = [(p, p.resolve()) for p in found]
+            files.extend(p for p, real in resolved if real not in seen)
+            seen.update(real for _, real in resolved)
         elif path.exists():
-            if path.resolve() not in seen:
+            real = path.resolve()
+            if real not in seen:
                 files.append(path)
-                seen.add(path.resolve())
+                seen.add(real)
         else:
             raise ConfigError(path, "", "file not found")
     return files
