@@ -467,6 +467,12 @@ def find_files(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
+def status_addresses(given: Iterable[Address], configs: Iterable[TunnelConfig]) -> list[Address]:
+    """Where to serve status: the addresses given (`--status`), then each tunnel's
+    `status:`, each address once, in that order."""
+    return list(dict.fromkeys([*given, *(c.status for c in configs if c.status is not None)]))
+
+
 def watched_files(paths: Sequence[Path], configs: Iterable[TunnelConfig]) -> tuple[list[Path], list[Path]]:
     """What to watch for a reload: (every file the configs name, plus the tunnel files the
     PATH arguments hold now; the directories among the PATH arguments, for new files)."""

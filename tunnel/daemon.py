@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from tunnel.config import Address, ConfigError, TunnelConfig, load_paths, watched_files
+from tunnel.config import Address, ConfigError, TunnelConfig, load_paths, status_addresses, watched_files
 from tunnel.logs import event
 from tunnel.metrics import PrometheusMetrics
 from tunnel.notify import Notifier
@@ -57,10 +57,8 @@ class Daemon:
         self.tunnels = [Tunnel(state, self.metrics, reuse_port=worker) for state in states]
         self.watch_interval = watch_interval
         self.notifier = notifier or Notifier()
-        addresses = [*status]
-        if not worker:  # a worker serves only the private status address its supervisor gave it
-            addresses += [s.config.status for s in states if s.config.status is not None]
-        self.status_addresses = list(dict.fromkeys(addresses))  # each once, in order
+        # A worker serves only the private status address its supervisor gave it.
+        self.status_addresses = status_addresses(status, [] if worker else [s.config for s in states])
         self._stopping = False
         self._stop_time = 0.0
         self._reload_lock = trio.Lock()

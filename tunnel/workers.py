@@ -33,7 +33,7 @@ from typing import Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tunnel.config import Address, ConfigError, TunnelConfig, load_paths, watched_files
+from tunnel.config import Address, ConfigError, TunnelConfig, load_paths, status_addresses, watched_files
 from tunnel.logs import event
 from tunnel.metrics import merge_texts
 from tunnel.notify import Notifier
@@ -85,8 +85,7 @@ class Supervisor:
         self.paths = list(paths)
         self.count = workers
         self.log_format = log_format
-        addresses = [*status, *(c.status for c in configs if c.status is not None)]
-        self.status_addresses = list(dict.fromkeys(addresses))
+        self.status_addresses = status_addresses(status, configs)
         self.watch_interval = watch_interval
         self.notifier = notifier or Notifier()
         self.configs = list(configs)
