@@ -249,11 +249,7 @@ class TLSStream(_SocketIO):
                     break
                 if self._outgoing.pending:
                     await self._flush()
-                # _fill, inlined: one coroutine fewer to suspend and resume per message
-                got = await self._recv_into(_CIPHER_VIEW)
-                if got:
-                    incoming.write(_CIPHER_VIEW[:got])
-                else:
+                if not await self._fill():
                     incoming.write_eof()
                 continue
             try:
