@@ -134,6 +134,63 @@ def issue_dated(
     return crt_path, key_path
 
 
+def write_crl(
+    ca_dir: Path,
+    path: Path,
+    *,
+    last_update: dt.datetime,
+    next_update: dt.datetime,
+    revoked: tuple[int, ...] = (),
+    encoding: serialization.Encoding = serialization.Encoding.PEM,
+) -> Path:
+    """A CRL signed by the CA in ca_dir, with the given dates and revoked serials."""
+    ca_cert, ca_key = ca_material(ca_dir)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(last_update)
+        .next_update(next_update)
+        .add_extension(x509.CRLNumber(7), critical=False)
+    )
+    for serial in revoked:
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(last_update).build()
+        builder = builder.add_revoked_certificate(entry)
+    path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(encoding))
+    return path
+
+
+def make_sub_ca(parent: Path, directory: Path, name: str, *, path_length: int | None) -> Path:
+    """An intermediate CA directory under `parent` with any pathLenConstraint (what
+    `tunnel ca init --parent` will not make: it makes only pathLenConstraint 0). Like
+    init --parent, it writes chain.pem, so that pki.issue there appends the chain."""
+    parent_cert, parent_key = ca_material(parent)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(parent_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_key.public_key()), critical=False)
+        .sign(parent_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (directory / "ca.crt").write_bytes(pem)
+    (directory / "ca.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    above = (parent / "chain.pem").read_bytes() if (parent / "chain.pem").exists() else b""
+    (directory / "chain.pem").write_bytes(pem + above)
+    return directory
+
+
 def write_yaml(path: Path, document: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path

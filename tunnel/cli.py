@@ -72,14 +72,33 @@ def ca() -> None:
 @ca.command("init")
 @_dir_option
 @click.option("--name", default="tunnel private CA", show_default=True, help="CA common name.")
-@click.option("--days", type=_days, default=3650, show_default=True, help="CA validity.")
+@click.option(
+    "--days",
+    type=_days,
+    help=f"CA validity [default: {pki.ROOT_DAYS} for a root, {pki.INTERMEDIATE_DAYS} for an intermediate].",
+)
 @click.option("--key-type", type=_key_types, default="ec", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing CA key and certificate.")
-def ca_init(directory: Path, name: str, days: int, key_type: str, force: bool) -> None:
-    """Create the CA key, self-signed certificate and an empty CRL."""
-    pki.init_ca(directory, name=name, days=days, key_type=key_type, force=force)
-    written = ", ".join(str(directory / f) for f in (pki.CA_CRT, pki.CA_KEY, pki.CRL_FILE))
-    click.echo(f"wrote {written}")
+@click.option(
+    "--parent",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="ROOTDIR",
+    help="Make an intermediate CA signed by the CA in ROOTDIR (which can then go offline).",
+)
+def ca_init(directory: Path, name: str, days: int | None, key_type: str, force: bool, parent: Path | None) -> None:
+    """Create the CA key, certificate and an empty CRL: a self-signed root, or with
+    --parent an intermediate CA whose issued certificates carry its chain.
+
+    \b
+    Example:
+      tunnel ca init --dir root --name "Example root CA"
+      tunnel ca init --dir issuing --parent root --name "Example issuing CA"
+    """
+    pki.init_ca(directory, name=name, days=days, key_type=key_type, force=force, parent=parent)
+    files = [pki.CA_CRT, pki.CA_KEY, pki.CRL_FILE] + ([pki.CHAIN_FILE, pki.ROOT_CRT] if parent else [])
+    click.echo(f"wrote {', '.join(str(directory / f) for f in files)}")
+    if parent is not None:
+        click.echo(f"wrote {parent / (directory.resolve().name + '.crt')} (revoke the intermediate there)")
 
 
 @ca.command("issue")

@@ -56,7 +56,7 @@ class TLSConfig:
     cert: Path
     key: Path
     ca: Path
-    crl: Path | None = None
+    crl: tuple[Path, ...] = ()  # one CRL file per issuing CA
     server_name: str | None = None
     min_version: Literal["1.2", "1.3"] = "1.2"
 
@@ -87,7 +87,7 @@ class TunnelConfig:
     def files(self) -> set[Path]:
         """Every file this tunnel was configured from: the YAML file and what it names."""
         tls = self.tls
-        return {self.source, tls.cert, tls.key, tls.ca, *([tls.crl] if tls.crl else [])}
+        return {self.source, tls.cert, tls.key, tls.ca, *tls.crl}
 
 
 TOP_KEYS = {
@@ -371,7 +371,7 @@ def _parse_tls(r: _Reader, value: object, mode: str, targets: tuple[Address, ...
     for key in ("cert", "key", "ca"):
         if key not in tls:
             raise r.error(f"tls.{key}", "required")
-    crl = r.file_path(tls["crl"], "tls.crl") if tls.get("crl") is not None else None
+    crl = _parse_crl(r, tls.get("crl"))
     raw_min_version = tls.get("min_version", "1.2")
     # str() only what can be "1.2"/"1.3": a string, or the float of an unquoted 1.2
     min_version = str(raw_min_version) if isinstance(raw_min_version, str | float) else ""
@@ -393,6 +393,17 @@ def _parse_tls(r: _Reader, value: object, mode: str, targets: tuple[Address, ...
         server_name=server_name,
         min_version="1.3" if min_version == "1.3" else "1.2",
     )
+
+
+def _parse_crl(r: _Reader, value: object) -> tuple[Path, ...]:
+    """`tls.crl`: one file, or a list of them (one per issuing CA)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        return (r.file_path(value, "tls.crl"),)
+    if not value:
+        raise r.error("tls.crl", "the list is empty (leave tls.crl out to check no CRL)")
+    return tuple(dict.fromkeys(r.file_path(item, f"tls.crl[{i}]") for i, item in enumerate(value)))
 
 
 def _parse_allow(r: _Reader, value: object) -> AllowRule:

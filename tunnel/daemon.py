@@ -19,7 +19,7 @@ from tunnel.logs import event
 from tunnel.metrics import PrometheusMetrics
 from tunnel.notify import Notifier
 from tunnel.status import StatusServer
-from tunnel.tls import check_certificates
+from tunnel.trust import check_certificates
 from tunnel.tunnel import Tunnel, TunnelState
 from tunnel.watch import DEFAULT_INTERVAL, watch
 
@@ -224,14 +224,14 @@ class Daemon:
                     warnings = [str(exc)]
                 for warning in warnings:
                     log.warning("certificate expires soon: %s", warning)
-                next_update = tunnel.state.trust.crl_next_update
-                if next_update is not None and next_update - now < CRL_WARNING:
-                    log.warning(
-                        "CRL due for refresh: tunnel=%s %s next update %s",
-                        tunnel.name,
-                        tunnel.state.config.tls.crl,
-                        f"{next_update:%Y-%m-%d %H:%M} UTC",
-                    )
+                for crl in tunnel.state.trust.crls:
+                    if crl.next_update - now < CRL_WARNING:
+                        log.warning(
+                            "CRL due for refresh: tunnel=%s %s next update %s",
+                            tunnel.name,
+                            crl.path,
+                            f"{crl.next_update:%Y-%m-%d %H:%M:%S} UTC",
+                        )
             await trio.sleep(EXPIRY_CHECK_EVERY)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -21,10 +22,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_KEY = "ca.key"
 CA_CRT = "ca.crt"
 CRL_FILE = "crl.pem"
+CHAIN_FILE = "chain.pem"  # an intermediate CA's directory: its certificate and those above it, not the root
+ROOT_CRT = "root.crt"  # an intermediate CA's directory: the root its chain ends at (what tls.ca names)
 KEY_TYPES = ("ec", "rsa")
 KINDS = ("server", "client")
 CRL_VALIDITY = dt.timedelta(days=180)
 CLOCK_SKEW = dt.timedelta(minutes=5)
+ROOT_DAYS = 3650
+INTERMEDIATE_DAYS = 1825
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _DNS_RE = re.compile(r"(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_-]+)*\.?")
@@ -62,41 +67,103 @@ def init_ca(
     directory: Path,
     *,
     name: str = "tunnel private CA",
-    days: int = 3650,
+    days: int | None = None,
     key_type: str = "ec",
     force: bool = False,
+    parent: Path | None = None,
 ) -> None:
-    """Create a self-signed CA (ca.key, ca.crt) and an empty CRL (crl.pem) in *directory*."""
+    """Create a CA (ca.key, ca.crt) and an empty CRL (crl.pem) in *directory*.
+
+    Without *parent*, a self-signed root. With *parent* (another CA directory), an
+    intermediate CA signed by that one, which can then go offline: *directory* also gets
+    chain.pem (the intermediates from this one up, for issued certificates to carry) and
+    root.crt (the anchor tunnels name in tls.ca), and the parent directory gets a copy of
+    the intermediate's certificate named after *directory*, so that `revoke` there can
+    revoke it. An intermediate may not sign further CAs (pathLenConstraint 0). Validity:
+    *days*, by default ROOT_DAYS for a root and INTERMEDIATE_DAYS for an intermediate."""
+    if days is None:
+        days = ROOT_DAYS if parent is None else INTERMEDIATE_DAYS
     _check_days(days)
     _check_key_type(key_type)
     subject = _name(common_name=name)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PKIError(f"cannot create CA directory {directory}: {exc.strerror}") from exc
+    issuer: tuple[x509.Certificate, PrivateKey] | None = None
+    copy_path: Path | None = None
+    if parent is not None:
+        issuer = _load_ca(parent)
+        _check_may_sign_a_ca(parent, issuer[0])
+        copy_path = parent / f"{directory.resolve().name}.crt"
+        _check_name(copy_path.stem)
+        if not force:
+            _refuse_existing(copy_path)
+    _make_private_dir(directory)
     key_path, crt_path = directory / CA_KEY, directory / CA_CRT
     if not force:
         _refuse_existing(key_path, crt_path)
 
     key = _generate_key(key_type)
     now = _now()
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    not_after = now + dt.timedelta(days=days)
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
+    if issuer is None:
+        cert = (
+            builder.issuer_name(subject)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+    else:
+        parent_cert, parent_key = issuer
+        assert parent is not None
+        if not_after > parent_cert.not_valid_after_utc:
+            raise PKIError(
+                f"a {days}-day CA would outlive its parent {parent / CA_CRT} "
+                f"(expires {parent_cert.not_valid_after_utc:%Y-%m-%d}); use fewer --days"
+            )
+        cert = (
+            builder.issuer_name(parent_cert.subject)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_aki(parent_cert), critical=False)
+            .sign(parent_key, hashes.SHA256())
+        )
     _write(key_path, _key_pem(key), mode=0o600)
     _write(crt_path, cert.public_bytes(serialization.Encoding.PEM))
     _write_crl(directory, cert, key, [], number=1)
+    if parent is not None and copy_path is not None:
+        above = _read(parent / CHAIN_FILE) if (parent / CHAIN_FILE).exists() else b""
+        root = _read(parent / ROOT_CRT) if (parent / ROOT_CRT).exists() else _read(parent / CA_CRT)
+        _write(directory / CHAIN_FILE, cert.public_bytes(serialization.Encoding.PEM) + above)
+        _write(directory / ROOT_CRT, root)
+        _write(copy_path, cert.public_bytes(serialization.Encoding.PEM))
+    else:
+        for stale in (directory / CHAIN_FILE, directory / ROOT_CRT):
+            stale.unlink(missing_ok=True)
+
+
+def _check_may_sign_a_ca(directory: Path, ca_cert: x509.Certificate) -> None:
+    try:
+        constraints = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise PKIError(f"{directory / CA_CRT} has no basicConstraints: it cannot sign a CA") from None
+    if not constraints.ca or constraints.path_length == 0:
+        raise PKIError(
+            f"{directory / CA_CRT} may not sign CAs (pathLenConstraint 0): make intermediates directly under the root"
+        )
+
+
+def _make_private_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PKIError(f"cannot create CA directory {directory}: {exc.strerror}") from exc
 
 
 def issue(
@@ -158,8 +225,9 @@ def issue(
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
+    chain = directory / CHAIN_FILE
     _write(key_path, _key_pem(key), mode=0o600)
-    _write(crt_path, cert.public_bytes(serialization.Encoding.PEM))
+    _write(crt_path, cert.public_bytes(serialization.Encoding.PEM) + (_read(chain) if chain.exists() else b""))
     return crt_path, key_path
 
 
@@ -200,7 +268,7 @@ def list_issued(directory: Path) -> list[IssuedCert]:
     revoked = {entry.serial_number for entry in crl} if crl is not None else set()
     issued = []
     for path in sorted(directory.glob("*.crt")):
-        if path.name == CA_CRT:
+        if path.name in (CA_CRT, ROOT_CRT):
             continue
         cert = _load_cert(path)
         issued.append(
@@ -220,9 +288,16 @@ def describe(path: Path) -> str:
     """Human-readable summary of a PEM certificate or CRL."""
     data = _read(path)
     try:
-        return _describe_cert(x509.load_pem_x509_certificate(data))
+        certs = x509.load_pem_x509_certificates(data)
     except ValueError:
-        pass
+        certs = []
+    if len(certs) == 1:
+        return _describe_cert(certs[0])
+    if certs:
+        return "\n".join(
+            _describe_cert(cert, f"Certificate {i} of {len(certs)}{' (leaf)' if i == 1 else ''}")
+            for i, cert in enumerate(certs, 1)
+        )
     try:
         return _describe_crl(x509.load_pem_x509_crl(data))
     except ValueError:
@@ -461,6 +536,9 @@ def _write_crl(
 
 
 def _kind(cert: x509.Certificate) -> str:
+    with contextlib.suppress(x509.ExtensionNotFound):
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "ca"
     try:
         usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
@@ -482,7 +560,7 @@ def _format_san(name: x509.GeneralName) -> str:
     return str(name)
 
 
-def _describe_cert(cert: x509.Certificate) -> str:
+def _describe_cert(cert: x509.Certificate, title: str = "Certificate") -> str:
     exts = cert.extensions
     try:
         sans = ", ".join(_format_san(n) for n in exts.get_extension_for_class(x509.SubjectAlternativeName).value)
@@ -509,7 +587,7 @@ def _describe_cert(cert: x509.Certificate) -> str:
         ("CA", "yes" if is_ca else "no"),
         ("SHA-256", fingerprint(cert)),
     ]
-    return _table("Certificate", rows)
+    return _table(title, rows)
 
 
 def _describe_crl(crl: x509.CertificateRevocationList) -> str:

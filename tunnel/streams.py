@@ -216,6 +216,16 @@ class TLSStream(_SocketIO):
     def peer_certificate(self) -> bytes | None:
         return self.ssl.getpeercert(binary_form=True)
 
+    def presented_chain(self) -> tuple[bytes, ...]:
+        """The certificates the peer sent in a full handshake, leaf first (DER); empty
+        after a resumption, where the peer sends none (SSL_get_peer_cert_chain)."""
+        return _chain_der(self.ssl, "get_unverified_chain")
+
+    def verified_chain(self) -> tuple[bytes, ...]:
+        """The path OpenSSL verified in a full handshake, leaf first, anchor last (DER);
+        empty after a resumption (SSL_get0_verified_chain)."""
+        return _chain_der(self.ssl, "get_verified_chain")
+
     def version(self) -> str:
         return self.ssl.version() or "?"
 
@@ -392,3 +402,14 @@ def ssl_words(exc: ssl.SSLError) -> str:
 
 
 Stream = PlainStream | TLSStream
+
+
+def _chain_der(obj: ssl.SSLObject, method: str) -> tuple[bytes, ...]:
+    """A certificate chain of a connection as DER. Public on SSLObject from Python 3.13;
+    from 3.10 the same methods exist on the `_ssl` object underneath."""
+    target = obj if hasattr(obj, method) else getattr(obj, "_sslobj", None)
+    chain = getattr(target, method, lambda: None)()
+    return tuple(cert.public_bytes(_ENCODING_DER) for cert in chain or ())
+
+
+_ENCODING_DER = 2  # _ssl.ENCODING_DER: the certificates' public_bytes format

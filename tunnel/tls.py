@@ -2,18 +2,15 @@
 
 The policy: TLS 1.2 or 1.3 only; for TLS 1.2 only forward-secret AEAD suites (Mozilla's
 "intermediate" list); no compression, no renegotiation; the tunnel's own CA as the only
-trust anchor (never the system store); a CRL enforced on the leaf when one is configured.
+trust anchor (never the system store); CRLs, when configured, enforced on every
+certificate of the peer's path. What the handshake checks is parsed again in trust.py,
+for the moments without a full handshake (reload, resumption, `tunnel check`).
 """
 
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from tunnel.config import ConfigError, TLSConfig, TunnelConfig
 from tunnel.session_cache import use_session_cache
@@ -79,143 +76,17 @@ def _load_trust(ctx: ssl.SSLContext, source: Path, tls: TLSConfig) -> None:
         ctx.load_verify_locations(cafile=str(tls.ca))
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(source, "tls.ca", f"no CA certificate in {tls.ca}: {_reason(exc)}") from None
-    if tls.crl is not None:
+    for crl in tls.crl:
         try:
-            ctx.load_verify_locations(cafile=str(tls.crl))
+            ctx.load_verify_locations(cafile=str(crl))
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(source, "tls.crl", f"cannot load {tls.crl}: {_reason(exc)}") from None
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+            raise ConfigError(source, "tls.crl", f"cannot load {crl}: {_reason(exc)}") from None
+    if tls.crl:
+        # Every certificate of the peer's path, not only the leaf (X509_V_FLAG_CRL_CHECK_ALL,
+        # as stunnel and HAProxy set it): a revoked intermediate refuses all under it.
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
 
 
 def _reason(exc: BaseException) -> str:
     return ssl_words(exc) if isinstance(exc, ssl.SSLError) else str(exc)
-
-
-@dataclass(frozen=True)
-class Certificates:
-    """A tunnel's own certificate and the certificates of its CA file, parsed once."""
-
-    cert: x509.Certificate
-    cas: tuple[x509.Certificate, ...]
-
-    def expiries(self, tls: TLSConfig) -> list[tuple[Path, datetime]]:
-        """(file, not-after) for the certificate and the CA file (its earliest expiry)."""
-        return [
-            (tls.cert, self.cert.not_valid_after_utc),
-            (tls.ca, min(ca.not_valid_after_utc for ca in self.cas)),
-        ]
-
-
-def load_certificates(config: TunnelConfig) -> Certificates:
-    """Parse tls.cert and tls.ca (ConfigError naming the key if either is not PEM)."""
-    tls = config.tls
-    cert = _load_certificates(config.source, "tls.cert", tls.cert)[0]
-    return Certificates(cert, tuple(_load_certificates(config.source, "tls.ca", tls.ca)))
-
-
-def check_certificates(
-    config: TunnelConfig, *, now: datetime | None = None, certificates: Certificates | None = None
-) -> list[str]:
-    """What `tunnel check` adds to building the context: the certificate chains to the
-    tunnel's CA and is in date. ConfigError when it does not; warnings when it expires
-    within EXPIRY_WARNING. Reads the files unless given them parsed."""
-    now = now or datetime.now(UTC)
-    tls = config.tls
-    parsed = certificates or load_certificates(config)
-    cert, cas = parsed.cert, parsed.cas
-    if not any(_issued_by(cert, ca) for ca in cas):
-        raise ConfigError(config.source, "tls.cert", f"{tls.cert} is not signed by the CA in {tls.ca}")
-    warnings = []
-    for key, path, certificate in [("tls.cert", tls.cert, cert)] + [("tls.ca", tls.ca, c) for c in cas]:
-        if certificate.not_valid_after_utc <= now:
-            raise ConfigError(config.source, key, f"{path} expired on {certificate.not_valid_after_utc:%Y-%m-%d}")
-        if certificate.not_valid_before_utc > now:
-            raise ConfigError(
-                config.source, key, f"{path} is not valid before {certificate.not_valid_before_utc:%Y-%m-%d}"
-            )
-        left = certificate.not_valid_after_utc - now
-        if left < EXPIRY_WARNING:
-            warnings.append(
-                f"{config.source}: {key}: {path} expires in {left.days} days "
-                f"({certificate.not_valid_after_utc:%Y-%m-%d})"
-            )
-    return warnings
-
-
-EXPIRY_WARNING = timedelta(days=30)
-
-
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _load_certificates(source: Path, key: str, path: Path) -> list[x509.Certificate]:
-    try:
-        certs = x509.load_pem_x509_certificates(path.read_bytes())
-    except (ValueError, OSError) as exc:
-        raise ConfigError(source, key, f"no PEM certificate in {path}: {exc}") from None
-    return certs
-
-
-@dataclass(frozen=True)
-class Trust:
-    """The parsed trust material of a tunnel, kept to re-check open connections on reload."""
-
-    ca_certs: tuple[x509.Certificate, ...]
-    revoked: frozenset[int]  # serial numbers in tls.crl
-    crl_next_update: datetime | None
-
-
-def load_trust(
-    config: TunnelConfig, *, now: datetime | None = None, cas: tuple[x509.Certificate, ...] | None = None
-) -> Trust:
-    """Parse tls.ca (unless given it parsed) and tls.crl. A CRL that does not parse, is not
-    signed by the CA, or is past its next update is a ConfigError: never a silent allow."""
-    now = now or datetime.now(UTC)
-    tls = config.tls
-    if cas is None:
-        cas = tuple(_load_certificates(config.source, "tls.ca", tls.ca))
-    if tls.crl is None:
-        return Trust(ca_certs=cas, revoked=frozenset(), crl_next_update=None)
-    try:
-        data = tls.crl.read_bytes()
-        crl = x509.load_pem_x509_crl(data)  # PEM only: OpenSSL's file lookup reads no DER CRL
-    except (ValueError, OSError) as exc:
-        raise ConfigError(config.source, "tls.crl", f"no PEM CRL in {tls.crl}: {exc}") from None
-    if not any(_crl_signed_by(crl, ca) for ca in cas):
-        raise ConfigError(config.source, "tls.crl", f"{tls.crl} is not signed by the CA in {tls.ca}")
-    next_update = crl.next_update_utc
-    if next_update is None:
-        raise ConfigError(config.source, "tls.crl", f"{tls.crl} has no next update time")
-    if next_update <= now:
-        raise ConfigError(
-            config.source,
-            "tls.crl",
-            f"{tls.crl} is out of date: its next update was due {next_update:%Y-%m-%d %H:%M} UTC "
-            "(refresh it with tunnel ca crl)",
-        )
-    return Trust(
-        ca_certs=cas,
-        revoked=frozenset(entry.serial_number for entry in crl),
-        crl_next_update=next_update,
-    )
-
-
-def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
-    if crl.issuer != ca.subject:
-        return False
-    try:
-        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-
-
-def chains_to(cert_der: bytes, trust: Trust) -> bool:
-    """Whether a peer's leaf certificate was issued by one of the tunnel's CA certificates."""
-    cert = x509.load_der_x509_certificate(cert_der)
-    return any(_issued_by(cert, ca) for ca in trust.ca_certs)

@@ -32,7 +32,8 @@ from tunnel.metrics import Metrics, NoMetrics
 from tunnel.proxy_protocol import v2_header
 from tunnel.relay import RelayStats, relay
 from tunnel.streams import PlainStream, StreamBroken, TLSStream, ssl_reason
-from tunnel.tls import Certificates, Trust, build_context, chains_to, check_certificates, load_certificates, load_trust
+from tunnel.tls import build_context
+from tunnel.trust import Certificates, PeerRecords, Trust, check_certificates, load_certificates, load_trust
 
 log = logging.getLogger("tunnel")
 
@@ -52,6 +53,11 @@ class TunnelState:
     # Client mode: the last TLS session per target, to resume instead of a full handshake.
     # Tied to `context`, so a reload (a new context) starts empty.
     sessions: dict[Address, ssl.SSLSession] = field(default_factory=dict, compare=False)
+    # The verdicts of full handshakes, for the resumptions that skip one (see trust.py).
+    peers: PeerRecords = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "peers", PeerRecords(self.trust))
 
     @classmethod
     def build(cls, config: TunnelConfig) -> TunnelState:
@@ -62,7 +68,7 @@ class TunnelState:
         return cls(
             config=config,
             context=context,
-            trust=load_trust(config, cas=certificates.cas),
+            trust=load_trust(config, certificates),
             certificates=certificates,
             warnings=tuple(warnings),
         )
@@ -73,17 +79,29 @@ class TunnelState:
         return self.certificates.expiries(self.config.tls)
 
     def still_admits(self, conn: Connection) -> str | None:
-        """Why an open connection's peer is no longer acceptable under this state, or None."""
-        if conn.identity is None or conn.peer_der is None:
+        """Why an open connection's peer is no longer acceptable under this state, or None:
+        the chain it presented is judged as a full handshake would judge it now (path to
+        an anchor, revocation of every certificate on it, current CRLs), then the allow rules."""
+        if conn.identity is None or not conn.peer_chain:
             return None
-        if conn.identity.serial in self.trust.revoked:
-            return "revoked"
-        if not chains_to(conn.peer_der, self.trust):
-            return "its CA is no longer trusted"
+        why = self.trust.refusal(conn.peer_chain, datetime.now(UTC))
+        if why is not None:
+            return "its CA is no longer trusted" if why.startswith("unknown CA") else why
         if self.config.allow is not None:
             decision = decide(conn.identity, self.config.allow)
             if not decision.allowed:
                 return f"no longer allowed ({decision.reason})"
+        return None
+
+    def check_peer(self, stream: TLSStream) -> str | None:
+        """After a handshake: remember a full handshake's verdict, or judge a resumed one
+        (which OpenSSL did not verify) as a full handshake would. Why to refuse, or None."""
+        leaf = stream.peer_certificate()
+        if leaf is None:
+            return "no certificate"
+        if stream.ssl.session_reused:
+            return self.peers.resumption_refusal(leaf, datetime.now(UTC))
+        self.peers.remember(stream.presented_chain(), stream.verified_chain())
         return None
 
 
@@ -122,7 +140,7 @@ class Connection:
     peer: str
     since: float
     identity: Identity | None = None
-    peer_der: bytes | None = None
+    peer_chain: tuple[bytes, ...] = ()  # as the peer presented it, leaf first (DER)
     address: Any = None  # the peer's socket address as accept() returned it
     stats: RelayStats = field(default_factory=RelayStats)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -326,12 +344,13 @@ class Tunnel:
             self._refuse(conn, client, "no certificate")
             return
         conn.identity = identity_from_der(der)
-        conn.peer_der = der
-        if client.ssl.session_reused and conn.identity.not_after <= datetime.now(UTC):
-            # OpenSSL checks the certificate only in a full handshake, and a client that
-            # keeps resuming (each resumption brings a new ticket) never has another one.
-            self._refuse(conn, client, "certificate expired", conn.identity)
+        # OpenSSL checks certificates only in a full handshake, and a client that keeps
+        # resuming (each resumption brings a new ticket) never has another one.
+        why = state.check_peer(client)
+        if why is not None:
+            self._refuse(conn, client, why, conn.identity)
             return
+        conn.peer_chain = state.peers.chain(der)
         assert config.allow is not None
         decision = decide(conn.identity, config.allow)
         if not decision.allowed:
@@ -397,7 +416,12 @@ class Tunnel:
         self.metrics.handshake_seconds(self.name, trio.current_time() - started)
         der = server.peer_certificate()
         conn.identity = identity_from_der(der) if der else None
-        conn.peer_der = der
+        why = state.check_peer(server)
+        if why is not None:
+            server.abort()
+            self._refuse(conn, client, f"server {target}: {why}", conn.identity)
+            return
+        conn.peer_chain = state.peers.chain(der) if der else ()
         self._log_opened(conn, server.describe_tls(), server=str(target))
         try:
             await self._relay(client, server, conn)

@@ -144,7 +144,7 @@ VALID: list[tuple[str, str, str, Callable[[Path], TunnelConfig]]] = [
                 Address("::1", 5432),
                 Address("db", 5432),
             ),
-            tls=tls_files(p.parent / "pki", crl=p.parent / "pki" / "crl.pem", min_version="1.3"),
+            tls=tls_files(p.parent / "pki", crl=(p.parent / "pki" / "crl.pem",), min_version="1.3"),
             source=p,
             allow=AllowRule(
                 cn=frozenset({"app1"}),
@@ -507,6 +507,8 @@ BAD: list[tuple[str, object, str, str]] = [
     ("tls-key-not-found", _with(S, "tls.key", "nope.pem"), "tls.key", "file not found"),
     ("tls-ca-not-found", _with(S, "tls.ca", "nope.pem"), "tls.ca", "file not found"),
     ("tls-crl-not-found", _with(S, "tls.crl", "nope.pem"), "tls.crl", "file not found"),
+    ("tls-crl-list-item-not-found", _with(S, "tls.crl", ["crl.pem", "nope.pem"]), "tls.crl[1]", "file not found"),
+    ("tls-crl-empty-list", _with(S, "tls.crl", []), "tls.crl", "the list is empty"),
     ("tls-cert-is-a-directory", _with(S, "tls.cert", "."), "tls.cert", "not a regular file"),
     ("tls-cert-name-too-long", _with(S, "tls.cert", "x" * 300), "tls.cert", "cannot use"),
     ("min-version-1.1", _with(S, "tls.min_version", "1.1"), "tls.min_version", '"1.2" or "1.3"'),

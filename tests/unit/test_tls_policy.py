@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
-from tests.helpers import PKI, ca_material, client_doc, issue_dated, make_pki, server_doc, write_yaml
+from tests.helpers import PKI, client_doc, issue_dated, make_pki, server_doc, write_crl, write_yaml
 from tunnel import pki
 from tunnel.config import ConfigError, TunnelConfig, load_file
-from tunnel.tls import EXPIRY_WARNING, Trust, build_context, chains_to, check_certificates, load_trust
+from tunnel.tls import build_context
+from tunnel.trust import EXPIRY_WARNING, Trust, check_certificates, load_trust
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 X509_V_ERR_CERT_REVOKED = 23
@@ -30,31 +31,6 @@ X509_V_ERR_HOSTNAME_MISMATCH = 62
 X509_V_ERR_IP_ADDRESS_MISMATCH = 64
 
 # -- certificates and CRLs that pki cannot make --------------------------------------------
-
-
-def write_crl(
-    ca_dir: Path,
-    path: Path,
-    *,
-    last_update: dt.datetime,
-    next_update: dt.datetime,
-    revoked: tuple[int, ...] = (),
-    encoding: serialization.Encoding = serialization.Encoding.PEM,
-) -> Path:
-    """A CRL signed by the CA in ca_dir, with the given dates and revoked serials."""
-    ca_cert, ca_key = ca_material(ca_dir)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(last_update)
-        .next_update(next_update)
-        .add_extension(x509.CRLNumber(7), critical=False)
-    )
-    for serial in revoked:
-        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(last_update).build()
-        builder = builder.add_revoked_certificate(entry)
-    path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(encoding))
-    return path
 
 
 def serial_of(path: Path) -> int:
@@ -221,7 +197,8 @@ def test_load_trust_without_crl_revokes_nothing(p: PKI) -> None:
     trust = load_trust(server_config(p))
     assert trust.revoked == frozenset()
     assert trust.crl_next_update is None
-    assert trust.ca_certs == (x509.load_pem_x509_certificate(p.ca.read_bytes()),)
+    assert trust.anchors == (x509.load_pem_x509_certificate(p.ca.read_bytes()),)
+    assert trust.intermediates == ()
 
 
 def test_load_trust_reads_revoked_serials(p: PKI) -> None:
@@ -273,7 +250,7 @@ def test_load_trust_refuses_a_certificate_given_as_the_crl(p: PKI) -> None:
 
 
 def test_load_trust_refuses_a_crl_from_another_ca(p: PKI) -> None:
-    with pytest.raises(ConfigError, match="not signed by the CA") as info:
+    with pytest.raises(ConfigError, match="not signed by a CA in") as info:
         load_trust(server_config(p, crl=p.other / "crl.pem"))
     assert info.value.key == "tls.crl"
 
@@ -282,7 +259,7 @@ def test_load_trust_refuses_a_crl_from_a_ca_with_the_same_name(p: PKI, impostor:
     """Issuer names match, so only the signature check can catch this one."""
     forged = x509.load_pem_x509_crl((impostor / "crl.pem").read_bytes())
     assert forged.issuer == x509.load_pem_x509_certificate(p.ca.read_bytes()).subject
-    with pytest.raises(ConfigError, match="not signed by the CA") as info:
+    with pytest.raises(ConfigError, match="not signed by a CA in") as info:
         load_trust(server_config(p, crl=impostor / "crl.pem"))
     assert info.value.key == "tls.crl"
 
@@ -398,28 +375,43 @@ def test_check_certificates_refuses_a_certificate_not_yet_valid(p: PKI) -> None:
 
 def test_check_certificates_refuses_a_certificate_from_another_ca(p: PKI) -> None:
     config = server_config(p, cert=p.other / "other-server.crt", key=p.other / "other-server.key")
-    with pytest.raises(ConfigError, match="not signed by the CA") as info:
+    with pytest.raises(ConfigError, match="does not chain to a CA in") as info:
         check_certificates(config)
     assert info.value.key == "tls.cert"
 
 
 def test_check_certificates_refuses_a_certificate_from_a_ca_with_the_same_name(p: PKI, impostor: Path) -> None:
     config = server_config(p, cert=impostor / "server.crt", key=impostor / "server.key")
-    with pytest.raises(ConfigError, match="not signed by the CA") as info:
+    with pytest.raises(ConfigError, match="does not chain to a CA in") as info:
         check_certificates(config)
     assert info.value.key == "tls.cert"
 
 
-# -- chains_to -------------------------------------------------------------------------------
+# -- Trust.refusal: what a full handshake would say, without one ------------------------------
 
 
-def test_chains_to(p: PKI, impostor: Path) -> None:
+def test_refusal_judges_a_presented_chain_as_the_handshake_would(p: PKI, impostor: Path) -> None:
     trust: Trust = load_trust(server_config(p))
-    assert chains_to(der_of(p.crt("app1")), trust)
-    assert chains_to(der_of(p.crt("server")), trust)
-    assert not chains_to(der_of(p.other / "other-app1.crt"), trust)
-    assert not chains_to(der_of(impostor / "app1.crt"), trust)
-    assert not chains_to(der_of(p.crt("app1")), Trust(ca_certs=(), revoked=frozenset(), crl_next_update=None))
+    now = dt.datetime.now(dt.UTC)
+    assert trust.refusal([der_of(p.crt("app1"))], now) is None
+    assert trust.refusal([der_of(p.crt("server"))], now) is None
+    assert (trust.refusal([der_of(p.other / "other-app1.crt")], now) or "").startswith("unknown CA")
+    assert (trust.refusal([der_of(impostor / "app1.crt")], now) or "").startswith("unknown CA")
+    assert trust.refusal([der_of(p.crt("expired"))], now) == "certificate expired"
+    assert (Trust(anchors=(), intermediates=()).refusal([der_of(p.crt("app1"))], now) or "").startswith(
+        "no self-signed"
+    )
+
+
+def test_refusal_says_revoked_and_crl_expired(p: PKI) -> None:
+    config = server_config(p, crl=p.dir / "crl.pem")
+    pki.revoke(p.dir, "app2")
+    trust = load_trust(config)
+    now = dt.datetime.now(dt.UTC)
+    assert trust.refusal([der_of(p.crt("app1"))], now) is None
+    assert trust.refusal([der_of(p.crt("app2"))], now) == "revoked"
+    assert trust.crl_next_update is not None
+    assert trust.refusal([der_of(p.crt("app1"))], trust.crl_next_update) == "CRL expired"
 
 
 # -- build_context: options ------------------------------------------------------------------

@@ -1,0 +1,363 @@
+"""What a tunnel trusts, parsed: its anchors, intermediate CAs and CRLs; and the checks
+OpenSSL makes in a full handshake that the tunnel must be able to make again itself.
+
+OpenSSL verifies a peer's chain only during a full handshake. Three moments come without
+one, and each must reach the same verdict a full handshake would:
+
+* `tunnel check` and every start or reload: the tunnel's own certificate must have a path
+  to an anchor in `tls.ca`, through the intermediates after the leaf in `tls.cert` or in
+  the `tls.ca` bundle (the two layouts step-ca, Vault and cert-manager write).
+* a reload, for every open connection: the chain its peer presented must still have a path
+  to the new anchors, with no certificate on it revoked, and the CRLs must be current.
+* a resumed session (TLS 1.2 or 1.3), which skips certificate verification entirely: the
+  verdict of the session's full handshake holds only until the earliest notAfter on its
+  path or the CRLs' next update, whichever comes first (`PeerRecords`).
+
+Path building is `cryptography.x509.verification` (RFC 5280 chain building), not a
+hand-written signature walk. Its extension policy is the Web PKI one for CA certificates
+(basicConstraints CA:TRUE, keyCertSign, as OpenSSL's strict mode wants) and permissive for
+the leaf: a leaf's role and names are judged by the handshake and the `allow` rules, and a
+client certificate need not carry a subjectAltName.
+
+Anchors are the self-signed certificates of `tls.ca`; its other certificates are
+intermediates, as OpenSSL treats them (a bundle holding only an intermediate has no
+anchor: OpenSSL would refuse every peer, so `check` refuses it). When `tls.crl` is set,
+revocation is checked for every certificate of a path, the anchor included, as OpenSSL's
+X509_V_FLAG_CRL_CHECK_ALL does (and stunnel and HAProxy set): each CA on a path needs its
+CRL, and a revoked intermediate refuses every leaf under it.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509 import verification
+
+from tunnel.config import ConfigError, TLSConfig, TunnelConfig
+
+
+class PathError(Exception):
+    """No acceptable path from a certificate to an anchor; the message says why."""
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A tunnel's own certificate (with the intermediates after it in tls.cert) and the
+    certificates of its CA file, parsed once."""
+
+    cert: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # the rest of tls.cert: intermediates, leaf first
+    cas: tuple[x509.Certificate, ...]
+
+    def expiries(self, tls: TLSConfig) -> list[tuple[Path, datetime]]:
+        """(file, notAfter) for the certificate (its chain's earliest) and the CA file."""
+        return [
+            (tls.cert, min(c.not_valid_after_utc for c in (self.cert, *self.chain))),
+            (tls.ca, min(ca.not_valid_after_utc for ca in self.cas)),
+        ]
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """One parsed CRL: who signed it, which serials it revokes, when it goes stale."""
+
+    path: Path
+    crl: x509.CertificateRevocationList
+    revoked: frozenset[int]
+    next_update: datetime
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The parsed trust material of a tunnel: what the handshake checks peers against."""
+
+    anchors: tuple[x509.Certificate, ...]  # the self-signed certificates in tls.ca
+    intermediates: tuple[x509.Certificate, ...]  # the other certificates in tls.ca
+    crls: tuple[RevocationList, ...] = ()
+
+    @classmethod
+    def of(cls, cas: Sequence[x509.Certificate], crls: tuple[RevocationList, ...] = ()) -> Trust:
+        """Trust in a CA bundle: its self-signed certificates anchor, the rest are intermediates."""
+        anchors = tuple(c for c in cas if _self_signed(c))
+        return cls(anchors=anchors, intermediates=tuple(c for c in cas if c not in anchors), crls=crls)
+
+    @property
+    def revoked(self) -> frozenset[int]:
+        """Every serial number the CRLs revoke (whichever CA's)."""
+        return frozenset().union(*(c.revoked for c in self.crls))
+
+    @property
+    def crl_next_update(self) -> datetime | None:
+        """When the first of the CRLs goes stale (None without CRLs)."""
+        return min((c.next_update for c in self.crls), default=None)
+
+    def path(
+        self, leaf: x509.Certificate, presented: Sequence[x509.Certificate], now: datetime
+    ) -> list[x509.Certificate]:
+        """The path from `leaf` to an anchor, leaf first, anchor last, through the
+        `presented` intermediates and those of tls.ca. PathError says why there is none:
+        the leaf's dates, or no path (an unknown CA, an expired or missing intermediate)."""
+        if leaf.not_valid_after_utc <= now:
+            raise PathError("certificate expired")
+        if leaf.not_valid_before_utc > now:
+            raise PathError("certificate not yet valid")
+        if not self.anchors:
+            raise PathError("no self-signed CA certificate to anchor a path")
+        builder = (
+            verification.PolicyBuilder()
+            .store(verification.Store(list(self.anchors)))
+            .time(now)
+            .extension_policies(
+                ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
+                ee_policy=verification.ExtensionPolicy.permit_all(),
+            )
+        )
+        try:
+            verified = builder.build_client_verifier().verify(leaf, [*presented, *self.intermediates])
+        except verification.VerificationError as exc:
+            raise PathError(f"unknown CA (no path to an anchor in tls.ca: {exc})") from None
+        return list(verified.chain)
+
+    def revocation(self, path: Sequence[x509.Certificate], now: datetime) -> str | None:
+        """Why a path is not acceptable under the CRLs ("revoked", "CRL expired", "CRL
+        unavailable"), or None. Every certificate is checked, the anchor included, against
+        the CRL of its issuer (X509_V_FLAG_CRL_CHECK_ALL)."""
+        if not self.crls:
+            return None
+        if any(c.next_update <= now for c in self.crls):
+            return "CRL expired"
+        for index, cert in enumerate(path):
+            issuer = path[min(index + 1, len(path) - 1)]
+            crl = self._crl_of(issuer)
+            if crl is None:
+                return "CRL unavailable"
+            if cert.serial_number in crl.revoked:
+                return "revoked" if index == 0 else f"revoked (its CA {cert.subject.rfc4514_string()})"
+        return None
+
+    def refusal(self, chain_der: Sequence[bytes], now: datetime) -> str | None:
+        """Why a peer's presented chain (leaf first, DER) would be refused by a full
+        handshake under this trust now, or None if it would pass."""
+        leaf, *rest = (x509.load_der_x509_certificate(der) for der in chain_der)
+        try:
+            path = self.path(leaf, rest, now)
+        except PathError as exc:
+            return str(exc)
+        return self.revocation(path, now)
+
+    def _crl_of(self, issuer: x509.Certificate) -> RevocationList | None:
+        for crl in self.crls:
+            if crl.crl.issuer == issuer.subject and _crl_signed_by(crl.crl, issuer):
+                return crl
+        return None
+
+
+def load_certificates(config: TunnelConfig) -> Certificates:
+    """Parse tls.cert (leaf, then any intermediates) and tls.ca (ConfigError naming the
+    key if either holds no PEM certificate)."""
+    tls = config.tls
+    cert, *chain = _load_certificates(config.source, "tls.cert", tls.cert)
+    return Certificates(cert, tuple(chain), tuple(_load_certificates(config.source, "tls.ca", tls.ca)))
+
+
+def load_trust(config: TunnelConfig, certificates: Certificates | None = None, *, now: datetime | None = None) -> Trust:
+    """Split tls.ca into anchors and intermediates and parse every tls.crl file. A CRL
+    that does not parse, is signed by no CA in tls.ca or the tls.cert chain, or is past
+    its next update is a ConfigError, as is a CA in tls.ca that has no CRL when CRLs are
+    set (OpenSSL would then refuse every peer under it): never a silent allow. Reads the
+    certificates unless given them parsed."""
+    tls = config.tls
+    now = now or datetime.now(UTC)
+    certificates = certificates or load_certificates(config)
+    trust = Trust.of(certificates.cas)
+    if not trust.anchors:
+        raise ConfigError(
+            config.source,
+            "tls.ca",
+            f"{tls.ca} has no self-signed (root) CA certificate: add the root that the intermediates in it chain to",
+        )
+    if not tls.crl:
+        return trust
+    signers = [*certificates.cas, *certificates.chain]
+    crls = tuple(_load_crl(config, path, signers, now) for path in tls.crl)
+    trust = Trust.of(certificates.cas, crls)
+    for ca in certificates.cas:
+        if trust._crl_of(ca) is None:
+            raise ConfigError(
+                config.source,
+                "tls.crl",
+                f"no CRL from the CA {ca.subject.rfc4514_string()!r} in {tls.ca}: with tls.crl set, every CA "
+                "a peer's chain passes through needs its CRL (name one file per CA)",
+            )
+    return trust
+
+
+def _load_crl(config: TunnelConfig, path: Path, signers: Sequence[x509.Certificate], now: datetime) -> RevocationList:
+    source = config.source
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())  # PEM only: OpenSSL's file lookup reads no DER CRL
+    except (ValueError, OSError) as exc:
+        raise ConfigError(source, "tls.crl", f"no PEM CRL in {path}: {exc}") from None
+    if not any(ca.subject == crl.issuer and _crl_signed_by(crl, ca) for ca in signers):
+        raise ConfigError(
+            source,
+            "tls.crl",
+            f"{path} is not signed by a CA in {config.tls.ca} or the chain in {config.tls.cert} "
+            f"(its issuer: {crl.issuer.rfc4514_string()!r})",
+        )
+    next_update = crl.next_update_utc
+    if next_update is None:
+        raise ConfigError(source, "tls.crl", f"{path} has no next update time")
+    if next_update <= now:
+        raise ConfigError(
+            source,
+            "tls.crl",
+            f"{path} is out of date: its next update was due {_when(next_update)}, and it is now "
+            f"{_when(now)} (refresh it, e.g. with tunnel ca crl)",
+        )
+    return RevocationList(
+        path=path, crl=crl, revoked=frozenset(entry.serial_number for entry in crl), next_update=next_update
+    )
+
+
+def _when(moment: datetime) -> str:
+    """A timestamp for error messages: full date and time, seconds, UTC."""
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+
+
+EXPIRY_WARNING = timedelta(days=30)
+
+
+def check_certificates(
+    config: TunnelConfig, *, now: datetime | None = None, certificates: Certificates | None = None
+) -> list[str]:
+    """What `tunnel check` adds to building the context: the tunnel's certificate has a
+    path to an anchor in tls.ca (through the intermediates after it in tls.cert or in
+    tls.ca) and everything on it is in date. ConfigError naming tls.cert when not, with
+    full timestamps; warnings for what expires within EXPIRY_WARNING. Reads the files
+    unless given them parsed."""
+    now = now or datetime.now(UTC)
+    tls = config.tls
+    certificates = certificates or load_certificates(config)
+    _check_own_path(config, certificates, now)
+    warnings = []
+    dated = [("tls.cert", tls.cert, c) for c in (certificates.cert, *certificates.chain)]
+    dated += [("tls.ca", tls.ca, c) for c in certificates.cas]
+    for key, path, certificate in dated:
+        not_after = certificate.not_valid_after_utc
+        if not_after <= now:
+            name = certificate.subject.rfc4514_string()
+            raise ConfigError(config.source, key, f"{path}: {name!r} expired at {_when(not_after)} (now {_when(now)})")
+        left = not_after - now
+        if left < EXPIRY_WARNING:
+            warnings.append(f"{config.source}: {key}: {path} expires in {left.days} days ({_when(not_after)})")
+    return warnings
+
+
+def _check_own_path(config: TunnelConfig, certificates: Certificates, now: datetime) -> None:
+    tls = config.tls
+    trust = Trust.of(certificates.cas)
+    cert = certificates.cert
+    if cert.not_valid_after_utc <= now:
+        raise ConfigError(
+            config.source, "tls.cert", f"{tls.cert} expired at {_when(cert.not_valid_after_utc)} (now {_when(now)})"
+        )
+    if cert.not_valid_before_utc > now:
+        raise ConfigError(
+            config.source,
+            "tls.cert",
+            f"{tls.cert} is not valid before {_when(cert.not_valid_before_utc)} (now {_when(now)}; "
+            "is the issuer's clock or this one wrong?)",
+        )
+    try:
+        trust.path(cert, certificates.chain, now)
+    except PathError as exc:
+        raise ConfigError(
+            config.source,
+            "tls.cert",
+            f"{tls.cert} does not chain to a CA in {tls.ca}: {exc}. Put the intermediates after the "
+            "certificate in tls.cert, or in the tls.ca bundle",
+        ) from None
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def _load_certificates(source: Path, key: str, path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (ValueError, OSError) as exc:
+        raise ConfigError(source, key, f"no PEM certificate in {path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """What a peer's full handshake established: the chain it presented (DER, leaf
+    first) and until when that verdict holds (earliest notAfter on its path, or the CRLs'
+    next update)."""
+
+    chain: tuple[bytes, ...]
+    valid_until: datetime
+
+
+class PeerRecords:
+    """The verdicts of full handshakes under one state, for the resumptions that follow.
+
+    Mutable by design and owned by one `TunnelState`: a reload makes a new state, a new
+    SSL context (so an empty session cache) and new records together. Bounded: the
+    oldest record goes first; a resumption whose record is gone is checked from scratch.
+    """
+
+    LIMIT = 4096
+
+    def __init__(self, trust: Trust) -> None:
+        self.trust = trust
+        self._records: collections.OrderedDict[bytes, PeerRecord] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def chain(self, leaf_der: bytes) -> tuple[bytes, ...]:
+        """The chain last presented with this leaf, or just the leaf if none is known."""
+        record = self._records.get(leaf_der)
+        return record.chain if record is not None else (leaf_der,)
+
+    def remember(self, presented: Sequence[bytes], verified: Sequence[bytes]) -> None:
+        """After a full handshake: the chain the peer presented and the path OpenSSL
+        verified (leaf first, anchor last), both DER."""
+        if not presented or presented[0] in self._records:
+            return
+        ends = [x509.load_der_x509_certificate(der).not_valid_after_utc for der in verified or presented]
+        if self.trust.crl_next_update is not None:
+            ends.append(self.trust.crl_next_update)
+        self._records[presented[0]] = PeerRecord(tuple(presented), min(ends))
+        if len(self._records) > self.LIMIT:
+            self._records.popitem(last=False)
+
+    def resumption_refusal(self, leaf_der: bytes, now: datetime) -> str | None:
+        """Why a resumed session with this leaf must be refused now, or None: what a full
+        handshake would say once its verdict has lapsed (or was never recorded)."""
+        record = self._records.get(leaf_der)
+        if record is not None and now < record.valid_until:
+            return None
+        return self.trust.refusal(record.chain if record is not None else (leaf_der,), now)
