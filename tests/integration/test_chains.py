@@ -97,7 +97,7 @@ async def ping(stream: trio.SSLStream[trio.SocketStream]) -> bytes:
     with trio.fail_after(5):
         try:
             await stream.send_all(b"ping")
-            return await stream.receive_some(4)
+            return bytes(await stream.receive_some(4))
         except trio.BrokenResourceError:
             return b""
 
@@ -289,7 +289,9 @@ async def test_a_client_tunnel_reaches_a_server_with_an_intermediate_and_keeps_i
 # -- resumption: every check of a full handshake -------------------------------------------------
 
 
-def _blocking_session(ctx: ssl.SSLContext, address: str, session: ssl.SSLSession | None) -> tuple[bool, bytes, Any]:
+def _blocking_session(
+    ctx: ssl.SSLContext, address: str, session: ssl.SSLSession | None
+) -> tuple[bool | None, bytes, Any]:
     """One stdlib TLS connection offering `session`: (resumed?, the echo of b"hi", the
     session to offer next). A clean close keeps the server's session cached."""
     host, _, port = address.rpartition(":")
