@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,34 @@ log = logging.getLogger("tunnel")
 EXPIRY_CHECK_EVERY = 24 * 3600.0
 CRL_WARNING = timedelta(days=7)
 SUPERVISOR_CHECK_EVERY = 0.5
+RELOAD_RETRY_FIRST = 1.0  # seconds before a failed reload is tried again, doubling...
+RELOAD_RETRY_MAX = 30.0  # ...up to this
+_NOW = re.compile(r"now \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")  # the current time in an error: not a new reason
 DUPLICATE_WINDOW = 1.0  # seconds in which a worker treats a repeated stop signal as the same one
 
 
 def build_states(configs: Sequence[TunnelConfig]) -> list[TunnelState]:
     """Every tunnel's runtime state, or ConfigError for the first that cannot be built."""
     return [TunnelState.build(config) for config in configs]
+
+
+def load_states(paths: Sequence[Path]) -> dict[str, TunnelState]:
+    """Read every tunnel file and build every state, by tunnel name: all the file reading
+    and parsing of a reload, with no trio in it, so that it can run in a worker thread."""
+    return {state.config.name: state for state in build_states(load_paths(paths))}
+
+
+@dataclass(frozen=True)
+class ReloadFailure:
+    """A reload that keeps failing: since when (epoch seconds) and the latest reason."""
+
+    since: float
+    reason: str
+
+    def describe(self) -> dict[str, str]:
+        """For /healthz and `tunnel status`."""
+        since = datetime.fromtimestamp(self.since, UTC).isoformat(timespec="seconds")
+        return {"failing_since": since, "reason": self.reason}
 
 
 class Daemon:
@@ -63,6 +87,10 @@ class Daemon:
         self._stop_time = 0.0
         self._reload_lock = trio.Lock()
         self._tunnel_nursery: trio.Nursery | None = None
+        self._helpers: trio.Nursery | None = None
+        self.reload_failure: ReloadFailure | None = None
+        self._retry_delay = RELOAD_RETRY_FIRST
+        self._retrying = False
 
     def serving_tunnels(self) -> list[Tunnel]:
         """The tunnels of the configuration in force (listening unless stopping)."""
@@ -79,6 +107,7 @@ class Daemon:
             tunnel.bind()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as helpers:
+                self._helpers = helpers
                 addresses = {}
                 async with trio.open_nursery() as tunnels:
                     self._tunnel_nursery = tunnels
@@ -90,7 +119,9 @@ class Daemon:
                     helpers.start_soon(self._warn_about_expiry)
                     if self.worker:
                         helpers.start_soon(self._watch_supervisor, os.getppid())
-                    status_server = StatusServer(self.all_tunnels, self.metrics, serving=self.serving_tunnels)
+                    status_server = StatusServer(
+                        self.all_tunnels, self.metrics, serving=self.serving_tunnels, extra=self._health_extra
+                    )
                     for address in self.status_addresses:
                         addresses[f"status {address}"] = await helpers.start(status_server.serve, address)
                     event(logging.INFO, "ready", "ready tunnels=%d", len(self.tunnels))
@@ -134,24 +165,59 @@ class Daemon:
 
     # -- reload --------------------------------------------------------------------
 
-    async def reload(self) -> bool:
+    async def reload(self, *, retry: bool = False) -> bool:
         """Build and validate the complete new state (and bind any new listen address)
-        first; only then swap it in. On any failure nothing changes."""
+        first; only then swap it in. On any failure nothing changes, and the reload is
+        tried again after RELOAD_RETRY_FIRST seconds, doubling to RELOAD_RETRY_MAX, until
+        it succeeds (a certificate not valid yet, a file half-rotated: cert-manager and
+        Vault Agent write a file once). A reload that is not a retry starts the backoff
+        over. A retry logs its failure only when the reason is new."""
         if self._stopping:
             return False
+        if not retry:
+            self._retry_delay = RELOAD_RETRY_FIRST
         self.notifier.reloading()
         async with self._reload_lock:  # a SIGHUP and a file change at once: one after the other
-            ok = await self._reload()
-        self.metrics.reloaded(ok, time.time())
+            failure = await self._reload()
+        now = time.time()
+        self.metrics.reloaded(failure is None, now)
         self.notifier.ready(f"{len(self.tunnels)} tunnels listening")
-        return ok
+        previous = self.reload_failure
+        if failure is None:
+            if previous is not None:
+                log.info("reload succeeded after failing since %s", previous.describe()["failing_since"])
+            self.reload_failure = None
+            return True
+        if not retry or previous is None or _NOW.sub("", previous.reason) != _NOW.sub("", failure):
+            _reload_failed(failure)
+        self.reload_failure = ReloadFailure(previous.since if previous else now, failure)
+        if not self._retrying and self._helpers is not None:
+            self._retrying = True
+            self._helpers.start_soon(self._retry_reload)
+        return False
 
-    async def _reload(self) -> bool:
+    async def _retry_reload(self) -> None:
         try:
-            states = {state.config.name: state for state in build_states(load_paths(self.paths))}
+            while self.reload_failure is not None and not self._stopping:
+                delay = self._retry_delay
+                self._retry_delay = min(delay * 2, RELOAD_RETRY_MAX)
+                await trio.sleep(delay)
+                if self.reload_failure is not None:
+                    await self.reload(retry=True)
+        finally:
+            self._retrying = False
+
+    def _health_extra(self) -> dict[str, Any]:
+        return {"reload": self.reload_failure.describe()} if self.reload_failure else {}
+
+    async def _reload(self) -> str | None:
+        """Reload; None on success, else why it failed (and nothing changed)."""
+        try:
+            # Reading keys, certificates and CRLs and building contexts takes long for a
+            # large CRL: off the event loop, so open connections keep relaying meanwhile.
+            states = await trio.to_thread.run_sync(load_states, self.paths)
         except ConfigError as exc:
-            _reload_failed(exc)
-            return False
+            return str(exc)
         current = {tunnel.name: tunnel for tunnel in self.tunnels}
         starting = [
             Tunnel(state, self.metrics, reuse_port=self.worker)
@@ -164,8 +230,7 @@ class Daemon:
             except OSError as exc:
                 for bound in starting[:index]:
                     bound.close_listener()
-                _reload_failed(exc)
-                return False
+                return str(exc)
 
         # Start the new listeners first; from here to the swap below nothing yields, so
         # /healthz never sees a stopped tunnel among the serving ones.
@@ -198,7 +263,7 @@ class Daemon:
             for warning in tunnel.state.warnings:
                 log.warning("certificate expires soon: %s", warning)
         event(logging.INFO, "reloaded", "reloaded tunnels=%d", len(self.tunnels))
-        return True
+        return None
 
     def _watched(self) -> tuple[list[Path], list[Path]]:
         return watched_files(self.paths, [tunnel.state.config for tunnel in self.tunnels])
@@ -235,11 +300,11 @@ class Daemon:
             await trio.sleep(EXPIRY_CHECK_EVERY)
 
 
-def _reload_failed(exc: Exception) -> None:
+def _reload_failed(reason: str) -> None:
     event(
         logging.ERROR,
         "reload_failed",
         "reload failed, still serving the previous configuration: %s",
-        exc,
-        reason=str(exc),
+        reason,
+        reason=reason,
     )

@@ -112,13 +112,16 @@ class StatusServer:
         metrics: PrometheusMetrics,
         *,
         serving: Callable[[], Sequence[Tunnel]] | None = None,
+        extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """`tunnels`: every tunnel with connections to show; `serving`: the ones health
         is judged by (default: all). A tunnel a reload removed drains without listening,
-        and must not make the daemon look unhealthy meanwhile."""
+        and must not make the daemon look unhealthy meanwhile. `extra`: more keys for
+        the /healthz document (a reload that keeps failing)."""
         self._tunnels = tunnels
         self._serving = serving or tunnels
         self._metrics = metrics
+        self._extra = extra or dict
 
     async def serve(self, address: Address, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         await serve_http(address, self.respond, task_status=task_status)
@@ -129,6 +132,7 @@ class StatusServer:
         tunnels = self._tunnels()
         if path == "/healthz":
             ok, body = health(self._serving())
+            body.update(self._extra())
             return ("200 OK" if ok else "503 Service Unavailable"), "application/json", json_body(body)
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, self._metrics.text()
@@ -189,7 +193,11 @@ def fetch(address: Address, path: str, timeout: float = 5.0) -> tuple[int, Any]:
 
 def render(health_doc: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The terminal view of `tunnel status`: each tunnel's health, then who is connected."""
-    lines = [f"status: {health_doc.get('status', '?')}", ""]
+    lines = [f"status: {health_doc.get('status', '?')}"]
+    reload = health_doc.get("reload")
+    if isinstance(reload, dict):
+        lines.append(f"reload failing since {reload.get('failing_since')}: {reload.get('reason')}")
+    lines.append("")
     tunnels = health_doc.get("tunnels", {})
     lines += text_table(["TUNNEL", "STATE", "OPEN"], [
         [name, state, str(sum(1 for r in rows if r["tunnel"] == name))] for name, state in tunnels.items()

@@ -29,7 +29,10 @@ CRL, and a revoked intermediate refuses every leaf under it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,6 +40,9 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509 import verification
 
 from tunnel.config import ConfigError, TLSConfig, TunnelConfig
@@ -69,8 +75,14 @@ class RevocationList:
 
     path: Path
     crl: x509.CertificateRevocationList
+    signer: x509.Certificate  # the CA whose signature on it was verified when it was loaded
     revoked: frozenset[int]
     next_update: datetime
+
+    def is_from(self, ca: x509.Certificate) -> bool:
+        """Whether this is `ca`'s CRL: same name and same key as the CA that signed it
+        (compared, not verified again: a CRL of 5 MB takes milliseconds to hash)."""
+        return self.signer.subject == ca.subject and self.signer.public_key() == ca.public_key()
 
 
 @dataclass(frozen=True)
@@ -152,10 +164,7 @@ class Trust:
         return self.revocation(path, now)
 
     def _crl_of(self, issuer: x509.Certificate) -> RevocationList | None:
-        for crl in self.crls:
-            if crl.crl.issuer == issuer.subject and _crl_signed_by(crl.crl, issuer):
-                return crl
-        return None
+        return next((crl for crl in self.crls if crl.is_from(issuer)), None)
 
 
 def load_certificates(config: TunnelConfig) -> Certificates:
@@ -201,10 +210,11 @@ def load_trust(config: TunnelConfig, certificates: Certificates | None = None, *
 def _load_crl(config: TunnelConfig, path: Path, signers: Sequence[x509.Certificate], now: datetime) -> RevocationList:
     source = config.source
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())  # PEM only: OpenSSL's file lookup reads no DER CRL
+        crl, der = _load_pem_crl(path.read_bytes())  # PEM only: OpenSSL's file lookup reads no DER CRL
     except (ValueError, OSError) as exc:
         raise ConfigError(source, "tls.crl", f"no PEM CRL in {path}: {exc}") from None
-    if not any(ca.subject == crl.issuer and _crl_signed_by(crl, ca) for ca in signers):
+    signer = next((ca for ca in signers if ca.subject == crl.issuer and _crl_signed_by(crl, der, ca)), None)
+    if signer is None:
         raise ConfigError(
             source,
             "tls.crl",
@@ -222,7 +232,11 @@ def _load_crl(config: TunnelConfig, path: Path, signers: Sequence[x509.Certifica
             f"{_when(now)} (refresh it, e.g. with tunnel ca crl)",
         )
     return RevocationList(
-        path=path, crl=crl, revoked=frozenset(entry.serial_number for entry in crl), next_update=next_update
+        path=path,
+        crl=crl,
+        signer=signer,
+        revoked=frozenset(entry.serial_number for entry in crl),
+        next_update=next_update,
     )
 
 
@@ -296,10 +310,65 @@ def _self_signed(cert: x509.Certificate) -> bool:
     return True
 
 
-def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+def _load_pem_crl(data: bytes) -> tuple[x509.CertificateRevocationList, bytes]:
+    """(the CRL, its DER) from the first X509 CRL block of a PEM file; ValueError if none.
+
+    Decoded with binascii and parsed as DER rather than by `load_pem_x509_crl`, which holds
+    the GIL for the whole file (some 35 ms for 5 MB): a reload runs in a worker thread,
+    and the event loop must keep relaying meanwhile."""
+    begin, end = b"-----BEGIN X509 CRL-----", b"-----END X509 CRL-----"
+    start = data.find(begin)
+    stop = data.find(end, start)
+    if start < 0 or stop < 0:
+        raise ValueError("no -----BEGIN X509 CRL----- block")
     try:
-        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        der = base64.b64decode(b"".join(data[start + len(begin) : stop].split()), validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"bad base64 in the PEM block: {exc}") from None
+    return x509.load_der_x509_crl(der), der
+
+
+def _first_element(der: bytes) -> bytes:
+    """The first element (with its header) inside the outer DER SEQUENCE: a CRL's signed
+    part, tbsCertList (RFC 5280 5.1). Only lengths are read; a wrong slice could only make
+    the signature check fail, never pass."""
+
+    def header(at: int) -> tuple[int, int]:  # (where the content starts, its length)
+        if der[at] != 0x30:
+            raise ValueError("not a DER SEQUENCE")
+        first = der[at + 1]
+        if first < 0x80:
+            return at + 2, first
+        count = first & 0x7F
+        return at + 2 + count, int.from_bytes(der[at + 2 : at + 2 + count], "big")
+
+    inner, _ = header(0)
+    content, length = header(inner)
+    return der[inner : content + length]
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, der: bytes, ca: x509.Certificate) -> bool:
+    """Whether `ca` signed `crl` (given with its DER). For EC and RSA keys the signed part
+    is sliced from the DER and hashed with hashlib, which lets go of the GIL on large
+    inputs, and the signature is checked over that digest (cryptography's Prehashed):
+    `is_signature_valid` re-encodes and hashes a CRL of 5 MB while holding the GIL for
+    some 50 ms, which would stall the event loop during a reload even from a worker
+    thread. Other keys take `is_signature_valid`."""
+    key = ca.public_key()
+    algorithm = crl.signature_hash_algorithm
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) and algorithm is not None:
+            digest = hashlib.new(algorithm.name, _first_element(der)).digest()
+            if isinstance(key, ec.EllipticCurvePublicKey):
+                key.verify(crl.signature, digest, ec.ECDSA(Prehashed(algorithm)))
+            else:
+                padding = crl.signature_algorithm_parameters
+                if not isinstance(padding, PKCS1v15 | PSS):
+                    return False
+                key.verify(crl.signature, digest, padding, Prehashed(algorithm))
+            return True
+        return crl.is_signature_valid(key)  # type: ignore[arg-type]
+    except (InvalidSignature, TypeError, ValueError, IndexError):
         return False
 
 

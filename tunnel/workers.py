@@ -237,10 +237,15 @@ class Supervisor:
             return "200 OK", "application/json", json_body({"connections": rows})
         ok = all(code == 200 for code, _ in answers)
         tunnels: dict[str, str] = {}
+        reload = None
         for _, body in answers:
-            for name, state in (json.loads(body)["tunnels"] if body else {}).items():
+            worker_doc = json.loads(body) if body else {}
+            for name, state in worker_doc.get("tunnels", {}).items():
                 tunnels[name] = state if tunnels.get(name, "listening") == "listening" else tunnels[name]
+            reload = reload or worker_doc.get("reload")
         doc = {"status": "ok" if ok else "unavailable", "tunnels": tunnels, "workers": self.count}
+        if reload:
+            doc["reload"] = reload
         return ("200 OK" if ok else "503 Service Unavailable"), "application/json", json_body(doc)
 
     async def _ask(self, index: int, path: str) -> tuple[int, bytes]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,8 +18,8 @@ import pytest
 import yaml
 from cryptography import x509
 
-from tests.helpers import PKI, free_port, make_pki, server_doc, write_yaml
-from tests.process import DaemonProcess, EchoTarget, echo_once, is_closed, tls_client, write_atomically
+from tests.helpers import PKI, free_port, issue_dated, make_pki, server_doc, write_yaml
+from tests.process import TUNNEL, DaemonProcess, EchoTarget, echo_once, is_closed, tls_client, write_atomically
 from tunnel import pki
 
 
@@ -303,3 +305,44 @@ def test_a_client_that_connected_before_a_revocation_is_judged_by_the_new_rules(
     daemon.wait_for("refused: revoked")
     assert target.accepted == 0
     assert daemon.stop() == 0
+
+
+def test_a_failed_reload_is_retried_until_a_skewed_certificate_becomes_valid(
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
+) -> None:
+    """A rotation wrote a certificate whose notBefore is a few seconds ahead (clock skew at
+    the issuer): the reload fails, and is tried again by itself until it takes; nobody
+    writes the file a second time (cert-manager and Vault Agent do not)."""
+    port, status_port = free_port(), free_port()
+    path = server_file(own_pki, tmp_path, target, port, status=f"127.0.0.1:{status_port}")
+    daemon = start(tmp_path, daemons, path)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    crt, key = issue_dated(
+        own_pki.dir, "skewed", not_before=now + dt.timedelta(seconds=4), not_after=now + dt.timedelta(days=30),
+        kind="server", out=tmp_path,
+    )  # fmt: skip
+    doc = yaml.safe_load(path.read_text())
+    doc["tls"].update(cert=str(crt), key=str(key))
+    write_atomically(path, yaml.safe_dump(doc))
+
+    log = daemon.wait_for("reload failed")
+    assert "is not valid before" in log
+    assert "(now 20" in log  # the current time, in full, beside the notBefore
+    shown = subprocess.run(
+        [*TUNNEL, "status", f"127.0.0.1:{status_port}"], capture_output=True, text=True, timeout=10, check=False
+    )
+    assert "reload failing since 20" in shown.stdout, shown.stdout + shown.stderr
+    assert "is not valid before" in shown.stdout
+
+    log = daemon.wait_for("reloaded tunnels=1", timeout=20)
+    assert "reload succeeded after failing since" in log
+    assert log.count("reload failed") <= 2  # the same reason is logged once (twice if the first
+    # try raced the file's settling), however many retries there were
+    with tls_client(own_pki, port, "app1") as client:
+        assert x509.load_der_x509_certificate(client.getpeercert(binary_form=True) or b"").subject.rfc4514_string() == (
+            "CN=skewed"
+        )
+    metrics = subprocess.run(
+        ["curl", "-s", f"http://127.0.0.1:{status_port}/metrics"], capture_output=True, text=True, timeout=10
+    ).stdout
+    assert 'tunnel_reloads_total{result="failure"}' in metrics

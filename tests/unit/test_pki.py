@@ -87,7 +87,7 @@ def test_ca_certificate_is_a_self_signed_ca(ca_cert: x509.Certificate) -> None:
     bc = ext(ca_cert, x509.BasicConstraints)
     assert bc.critical
     assert bc.value.ca
-    assert bc.value.path_length == 0
+    assert bc.value.path_length is None  # a root may sign intermediate CAs (tunnel ca init --parent)
     ku = ext(ca_cert, x509.KeyUsage)
     assert ku.critical
     assert ku.value.key_cert_sign
@@ -408,11 +408,11 @@ def test_list_issued(ca_dir: Path) -> None:
     assert web.status(now=web.not_after + dt.timedelta(seconds=1)) == "expired"
 
 
-def test_list_issued_reports_unknown_kind(ca_dir: Path, ca_cert: x509.Certificate) -> None:
-    # The CA certificate itself under another name: no EKU at all.
+def test_list_issued_reports_a_ca_certificate_as_ca(ca_dir: Path, ca_cert: x509.Certificate) -> None:
+    # A CA certificate under another name (as init --parent leaves an intermediate's copy).
     (ca_dir / "copy.crt").write_bytes((ca_dir / "ca.crt").read_bytes())
     [entry] = pki.list_issued(ca_dir)
-    assert (entry.name, entry.kind, entry.serial) == ("copy", "unknown", ca_cert.serial_number)
+    assert (entry.name, entry.kind, entry.serial) == ("copy", "ca", ca_cert.serial_number)
 
 
 def test_describe_certificate(ca_dir: Path) -> None:
