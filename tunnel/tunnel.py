@@ -145,6 +145,9 @@ class Tunnel:
         self._connections_scope: trio.CancelScope | None = None
         self._listener: socket.socket | None = None
         self._drain = True
+        self._drain_deadline = math.inf  # when the SIGTERM drain ends open connections
+        self._aborted = False
+        self._ending: set[trio.CancelScope] = set()  # connections ending cleanly (abort cuts them)
         self._bound = state.config.listen  # what the listener was bound to (listen may move)
         self._reuse_port = reuse_port
 
@@ -206,6 +209,7 @@ class Tunnel:
                     )
                 if self._drain:
                     connections.cancel_scope.deadline = trio.current_time() + self.state.config.limits.drain_timeout
+                    self._drain_deadline = connections.cancel_scope.deadline
         finally:
             self.listening = False
             _close_listener(listener, self._bound)
@@ -230,6 +234,7 @@ class Tunnel:
             self._connections_scope.deadline = min(
                 self._connections_scope.deadline, trio.current_time() + self.state.config.limits.drain_timeout
             )
+            self._drain_deadline = self._connections_scope.deadline
         self._stop_accepting.cancel()
 
     def revalidate(self) -> None:
@@ -254,7 +259,10 @@ class Tunnel:
                 conn.cancel_scope.cancel()
 
     def abort(self) -> None:
-        """Stop accepting and close every open connection now."""
+        """Stop accepting and close every open connection now (with a reset)."""
+        self._aborted = True
+        for scope in self._ending:
+            scope.cancel()
         self._stop_accepting.cancel()
         if self._connections_scope is not None:
             self._connections_scope.cancel()
@@ -418,15 +426,39 @@ class Tunnel:
                 stats=conn.stats,
             )
         finally:
+            if not conn.stats.why and self._drain_deadline <= trio.current_time() and not self._aborted:
+                conn.stats.why = "drain timeout"
             if conn.stats.why == "both sides closed":
                 accepted.close()
                 dialled.close()
+            elif conn.stats.why.startswith("idle for") or conn.stats.why == "drain timeout":
+                await self._end_cleanly(accepted, dialled)
             else:
+                # A broken side, a reload that no longer admits the peer, an abort: a
+                # reset, so that neither end can take it for a normal end.
                 accepted.abort()
                 dialled.abort()
             if not conn.stats.why:
                 conn.stats.why = "closed by the daemon"
             self._log_closed(conn)
+
+    async def _end_cleanly(self, *streams: PlainStream | TLSStream) -> None:
+        """End both sides as a normal end of stream (an idle timeout or the SIGTERM drain
+        deadline: ends the daemon decides on, not failures): a FIN on a plain side, a TLS
+        close_notify then a FIN on a TLS side, as a peer closing would; see Stream.end.
+        For the drain deadline this runs in an already cancelled scope, hence the shield;
+        `abort` (a second signal) cuts it short, and each side gets at most a second
+        (a peer that reads nothing can hold up a close_notify), then a reset."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1) as scope:
+            self._ending.add(scope)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for stream in streams:
+                        nursery.start_soon(stream.end)
+            finally:
+                self._ending.discard(scope)
+        for stream in streams:
+            stream.abort()  # a no-op for a side that has ended
 
     async def _dial(
         self, config: TunnelConfig, conn: Connection, client: PlainStream | TLSStream
