@@ -241,6 +241,37 @@ class TLSStream(_SocketIO):
             with contextlib.suppress(StreamBroken):
                 await self._flush()
 
+    async def await_first_record(self) -> bool:
+        """TLS 1.3 client, just after the handshake: return once the server's first record
+        has come: True for a session ticket or application data (kept for the next
+        receive), False for the end of the stream (the next receive reports it, as b"").
+        ssl.SSLError if it is an
+        alert (the server refused our certificate: in TLS 1.3 it checks it only after
+        our handshake is complete, RFC 8446 section 4.4.2.4); StreamBroken on a reset.
+        Waits as long as the server says nothing: the caller bounds it."""
+        while True:
+            try:
+                data = self.ssl.read(RECEIVE_SIZE)
+            except ssl.SSLWantReadError:
+                if self._outgoing.pending:
+                    await self._flush()
+                session = self.ssl.session
+                if session is not None and session.has_ticket:
+                    return True
+                if not await self._fill():
+                    self._incoming.write_eof()
+                continue
+            except ssl.SSLZeroReturnError:
+                data = b""
+            except ssl.SSLEOFError:
+                self.unclean_eof = True
+                data = b""
+            if not data:
+                self._eof_received = True
+                return False
+            self._overflow += data
+            return True
+
     def peer_certificate(self) -> bytes | None:
         return self.ssl.getpeercert(binary_form=True)
 

@@ -32,7 +32,7 @@ from tunnel.logs import event
 from tunnel.metrics import Metrics, NoMetrics
 from tunnel.proxy_protocol import v2_header
 from tunnel.relay import RelayStats, relay
-from tunnel.streams import PlainStream, StreamBroken, TLSStream, ssl_reason
+from tunnel.streams import PlainStream, StreamBroken, TLSStream, ssl_reason, ssl_words
 from tunnel.tls import Certificates, Trust, build_context, chains_to, check_certificates, load_certificates, load_trust
 
 log = logging.getLogger("tunnel")
@@ -391,19 +391,25 @@ class Tunnel:
         try:
             with trio.CancelScope(deadline=started + config.limits.handshake_timeout) as deadline:
                 await server.do_handshake()
-            reason = "handshake timeout" if deadline.cancelled_caught else None
+            reason = f"server {target}: handshake timeout" if deadline.cancelled_caught else None
         except ssl.SSLError as exc:
-            reason = handshake_failure_reason(exc)
+            alert = received_alert(exc)  # TLS 1.2: the server checks our certificate in the handshake
+            reason = f"refused by server: {alert}" if alert else f"server {target}: {handshake_failure_reason(exc)}"
         except StreamBroken as exc:
-            reason = str(exc)
+            reason = f"server {target}: {exc}"
         except BaseException:
             server.abort()
             raise
+        else:
+            self.metrics.handshake_seconds(self.name, trio.current_time() - started)
+            if reason is None and server.version() == "TLSv1.3" and not server.ssl.session_reused:
+                reason = await self._server_verdict(server, started, deadline.deadline)
         if reason is not None:
             server.abort()
-            self._refuse(conn, client, f"server {target}: {reason}")
+            # "refused by server: unknown ca" names the server apart; "server HOST:PORT: ..." has it.
+            where = {"server": str(target)} if reason.startswith("refused by server") else {}
+            self._refuse(conn, client, reason, None, **where)
             return
-        self.metrics.handshake_seconds(self.name, trio.current_time() - started)
         der = server.peer_certificate()
         conn.identity = identity_from_der(der) if der else None
         conn.peer_der = der
@@ -414,6 +420,35 @@ class Tunnel:
             # TLS 1.3 tickets arrive after the handshake: by now they have been read.
             if server.ssl.session is not None and conn.stats.why == "both sides closed":
                 state.sessions[target] = server.ssl.session
+
+    async def _server_verdict(self, server: TLSStream, started: float, deadline: float) -> str | None:
+        """Client mode, after a full TLS 1.3 handshake: whether the server refused us.
+
+        In TLS 1.3 our side of the handshake is complete before the server has checked
+        our certificate; a server that refuses it sends its alert (unknown ca, bad
+        certificate, certificate required, ...) after, and it would only surface as the
+        connection's first read, after `opened` was logged and counted. So wait for the
+        server's first record before saying `opened`: an alert is a refusal, and so is a
+        reset or an end of stream before anything else; a session ticket (what a server
+        that accepted us sends at once: OpenSSL, Go and this tunnel all do) or data (a
+        MySQL greeting, relayed next) is an acceptance. A server that sends neither (no
+        tickets, and a protocol where the client speaks first) is taken to accept once
+        twice the handshake's duration (at least 100 ms) has passed without an alert:
+        the alert would have come a round trip after our Finished, and the handshake
+        took at least that round trip. The wait happens only for full handshakes: a
+        resumed session carries no certificate to refuse, and client tunnels resume
+        their sessions, so usually only the first connection to a target waits.
+        Returns the refusal reason for the log, or None when accepted."""
+        wait = max(0.1, 2 * (trio.current_time() - started))
+        try:
+            with trio.move_on_at(min(deadline, trio.current_time() + wait)):
+                if not await server.await_first_record():
+                    return "refused by server: closed after the handshake"
+        except ssl.SSLError as exc:
+            return f"refused by server: {received_alert(exc) or ssl_words(exc)}"
+        except StreamBroken as exc:
+            return f"refused by server: {exc}"
+        return None
 
     async def _relay(
         self, accepted: PlainStream | TLSStream, dialled: PlainStream | TLSStream, conn: Connection
@@ -497,27 +532,35 @@ class Tunnel:
         )
 
     def _refuse(
-        self, conn: Connection, stream: PlainStream | TLSStream, reason: str, identity: Identity | None = None
+        self,
+        conn: Connection,
+        stream: PlainStream | TLSStream,
+        reason: str,
+        identity: Identity | None = None,
+        **where: str,
     ) -> None:
         """Log the refusal and close with a reset, so the peer cannot take it for a normal end."""
-        self._log_refused(conn, reason, identity)
+        self._log_refused(conn, reason, identity, **where)
         stream.abort()
 
-    def _log_refused(self, conn: Connection, reason: str, identity: Identity | None = None) -> None:
+    def _log_refused(self, conn: Connection, reason: str, identity: Identity | None = None, **where: str) -> None:
         self.metrics.refused(self.name, reason)
         who = f" identity={identity.describe()}" if identity else ""
+        place = "".join(f" {key}={value}" for key, value in where.items())
         event(
             logging.WARNING,
             "refused",
-            "refused: %s tunnel=%s peer=%s%s",
+            "refused: %s tunnel=%s peer=%s%s%s",
             reason,
             self.name,
             conn.peer,
             who,
+            place,
             tunnel=self.name,
             peer=conn.peer,
             identity=identity.describe() if identity else None,
             reason=reason,
+            **where,
         )
 
     def _log_target_down(self, conn: Connection, why: str) -> None:
@@ -887,6 +930,18 @@ def handshake_failure_reason(exc: ssl.SSLError) -> str:
     if reason in _SSL_REASONS:
         return _SSL_REASONS[reason]
     return ssl_reason(exc)
+
+
+def received_alert(exc: ssl.SSLError) -> str | None:
+    """The TLS alert the peer sent, by its RFC 8446 section 6 name in words (`unknown ca`,
+    `bad certificate`, `certificate required`), read from OpenSSL's reason code for a
+    received alert (SSLV3_ALERT_*, TLSV1_ALERT_*, TLSV13_ALERT_*); None for any other
+    failure (one found on our side)."""
+    reason = str(exc.reason or "")
+    for prefix in ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_"):
+        if reason.startswith(prefix):
+            return reason.removeprefix(prefix).replace("_", " ").lower()
+    return None
 
 
 def _format_peer(address: Any) -> str:
