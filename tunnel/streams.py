@@ -67,6 +67,7 @@ class _SocketIO:
         self._closed = False
         self._ready_streak = 0
         self._drained = False  # the last read emptied the kernel buffer: wait before reading
+        self._send_cut = False  # a send stopped part-way (cancelled): the peer has a torn message
 
     async def _recv_into(self, view: memoryview) -> int:
         # Checkpoint before reading, never between the read and the caller's copy: the
@@ -115,6 +116,7 @@ class _SocketIO:
         # Copy what is left before the first wait, unless nobody can change it.
         rest = memoryview(data)[sent:]
         view = rest if isinstance(data, bytes) else memoryview(bytes(rest))
+        self._send_cut = True  # until the rest is out
         while view:
             try:
                 view = view[self.sock.send(view) :]
@@ -123,6 +125,7 @@ class _SocketIO:
                 await trio.lowlevel.wait_writable(self._fd)
             except OSError as exc:
                 raise StreamBroken(_os_reason(exc)) from exc
+        self._send_cut = False
 
     def close(self) -> None:
         """Close at once (idempotent)."""
@@ -130,6 +133,31 @@ class _SocketIO:
             self._closed = True
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
+
+    async def send_eof(self) -> None:
+        raise NotImplementedError  # each stream kind ends its own way
+
+    async def end(self) -> None:
+        """End cleanly, then close: a TCP FIN, after a TLS close_notify on a TLS stream
+        (each unless already sent; see `send_eof`). For an end the daemon decides on that
+        is no error (an idle timeout): the peer reads a normal end of stream.
+
+        Resets instead (`abort`) when a send was cut off part-way, since the peer then
+        holds a torn message (or TLS record) and must not take it for a complete one; when
+        the end cannot be written (the peer has gone); and when cancelled meanwhile. The
+        caller bounds the wait (a peer that reads nothing can hold up a close_notify)."""
+        if self._send_cut:
+            self.abort()
+            return
+        try:
+            await self.send_eof()
+        except StreamBroken:
+            self.abort()
+            return
+        except BaseException:
+            self.abort()
+            raise
+        self.close()
 
     def abort(self) -> None:
         """Close with a TCP reset, so the peer cannot mistake it for a normal end."""
@@ -212,6 +240,37 @@ class TLSStream(_SocketIO):
         with trio.move_on_after(1):
             with contextlib.suppress(StreamBroken):
                 await self._flush()
+
+    async def await_first_record(self) -> bool:
+        """TLS 1.3 client, just after the handshake: return once the server's first record
+        has come: True for a session ticket or application data (kept for the next
+        receive), False for the end of the stream (the next receive reports it, as b"").
+        ssl.SSLError if it is an
+        alert (the server refused our certificate: in TLS 1.3 it checks it only after
+        our handshake is complete, RFC 8446 section 4.4.2.4); StreamBroken on a reset.
+        Waits as long as the server says nothing: the caller bounds it."""
+        while True:
+            try:
+                data = self.ssl.read(RECEIVE_SIZE)
+            except ssl.SSLWantReadError:
+                if self._outgoing.pending:
+                    await self._flush()
+                session = self.ssl.session
+                if session is not None and session.has_ticket:
+                    return True
+                if not await self._fill():
+                    self._incoming.write_eof()
+                continue
+            except ssl.SSLZeroReturnError:
+                data = b""
+            except ssl.SSLEOFError:
+                self.unclean_eof = True
+                data = b""
+            if not data:
+                self._eof_received = True
+                return False
+            self._overflow += data
+            return True
 
     def peer_certificate(self) -> bytes | None:
         return self.ssl.getpeercert(binary_form=True)

@@ -18,6 +18,7 @@ import os
 import socket
 import ssl
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,7 @@ from tunnel.logs import event
 from tunnel.metrics import Metrics, NoMetrics
 from tunnel.proxy_protocol import v2_header
 from tunnel.relay import RelayStats, relay
-from tunnel.streams import PlainStream, StreamBroken, TLSStream, ssl_reason
+from tunnel.streams import PlainStream, StreamBroken, TLSStream, ssl_reason, ssl_words
 from tunnel.tls import build_context
 from tunnel.trust import Certificates, PeerRecords, Trust, check_certificates, load_certificates, load_trust
 
@@ -162,6 +163,9 @@ class Tunnel:
         self._connections_scope: trio.CancelScope | None = None
         self._listener: socket.socket | None = None
         self._drain = True
+        self._drain_deadline = math.inf  # when the SIGTERM drain ends open connections
+        self._aborted = False
+        self._ending: set[trio.CancelScope] = set()  # connections ending cleanly (abort cuts them)
         self._bound = state.config.listen  # what the listener was bound to (listen may move)
         self._reuse_port = reuse_port
 
@@ -223,6 +227,7 @@ class Tunnel:
                     )
                 if self._drain:
                     connections.cancel_scope.deadline = trio.current_time() + self.state.config.limits.drain_timeout
+                    self._drain_deadline = connections.cancel_scope.deadline
         finally:
             self.listening = False
             _close_listener(listener, self._bound)
@@ -247,6 +252,7 @@ class Tunnel:
             self._connections_scope.deadline = min(
                 self._connections_scope.deadline, trio.current_time() + self.state.config.limits.drain_timeout
             )
+            self._drain_deadline = self._connections_scope.deadline
         self._stop_accepting.cancel()
 
     def revalidate(self) -> None:
@@ -271,7 +277,10 @@ class Tunnel:
                 conn.cancel_scope.cancel()
 
     def abort(self) -> None:
-        """Stop accepting and close every open connection now."""
+        """Stop accepting and close every open connection now (with a reset)."""
+        self._aborted = True
+        for scope in self._ending:
+            scope.cancel()
         self._stop_accepting.cancel()
         if self._connections_scope is not None:
             self._connections_scope.cancel()
@@ -401,19 +410,25 @@ class Tunnel:
         try:
             with trio.CancelScope(deadline=started + config.limits.handshake_timeout) as deadline:
                 await server.do_handshake()
-            reason = "handshake timeout" if deadline.cancelled_caught else None
+            reason = f"server {target}: handshake timeout" if deadline.cancelled_caught else None
         except ssl.SSLError as exc:
-            reason = handshake_failure_reason(exc)
+            alert = received_alert(exc)  # TLS 1.2: the server checks our certificate in the handshake
+            reason = f"refused by server: {alert}" if alert else f"server {target}: {handshake_failure_reason(exc)}"
         except StreamBroken as exc:
-            reason = str(exc)
+            reason = f"server {target}: {exc}"
         except BaseException:
             server.abort()
             raise
+        else:
+            self.metrics.handshake_seconds(self.name, trio.current_time() - started)
+            if reason is None and server.version() == "TLSv1.3" and not server.ssl.session_reused:
+                reason = await self._server_verdict(server, started, deadline.deadline)
         if reason is not None:
             server.abort()
-            self._refuse(conn, client, f"server {target}: {reason}")
+            # "refused by server: unknown ca" names the server apart; "server HOST:PORT: ..." has it.
+            where = {"server": str(target)} if reason.startswith("refused by server") else {}
+            self._refuse(conn, client, reason, None, **where)
             return
-        self.metrics.handshake_seconds(self.name, trio.current_time() - started)
         der = server.peer_certificate()
         conn.identity = identity_from_der(der) if der else None
         why = state.check_peer(server)
@@ -430,6 +445,35 @@ class Tunnel:
             if server.ssl.session is not None and conn.stats.why == "both sides closed":
                 state.sessions[target] = server.ssl.session
 
+    async def _server_verdict(self, server: TLSStream, started: float, deadline: float) -> str | None:
+        """Client mode, after a full TLS 1.3 handshake: whether the server refused us.
+
+        In TLS 1.3 our side of the handshake is complete before the server has checked
+        our certificate; a server that refuses it sends its alert (unknown ca, bad
+        certificate, certificate required, ...) after, and it would only surface as the
+        connection's first read, after `opened` was logged and counted. So wait for the
+        server's first record before saying `opened`: an alert is a refusal, and so is a
+        reset or an end of stream before anything else; a session ticket (what a server
+        that accepted us sends at once: OpenSSL, Go and this tunnel all do) or data (a
+        MySQL greeting, relayed next) is an acceptance. A server that sends neither (no
+        tickets, and a protocol where the client speaks first) is taken to accept once
+        twice the handshake's duration (at least 100 ms) has passed without an alert:
+        the alert would have come a round trip after our Finished, and the handshake
+        took at least that round trip. The wait happens only for full handshakes: a
+        resumed session carries no certificate to refuse, and client tunnels resume
+        their sessions, so usually only the first connection to a target waits.
+        Returns the refusal reason for the log, or None when accepted."""
+        wait = max(0.1, 2 * (trio.current_time() - started))
+        try:
+            with trio.move_on_at(min(deadline, trio.current_time() + wait)):
+                if not await server.await_first_record():
+                    return "refused by server: closed after the handshake"
+        except ssl.SSLError as exc:
+            return f"refused by server: {received_alert(exc) or ssl_words(exc)}"
+        except StreamBroken as exc:
+            return f"refused by server: {exc}"
+        return None
+
     async def _relay(
         self, accepted: PlainStream | TLSStream, dialled: PlainStream | TLSStream, conn: Connection
     ) -> None:
@@ -441,15 +485,39 @@ class Tunnel:
                 stats=conn.stats,
             )
         finally:
+            if not conn.stats.why and self._drain_deadline <= trio.current_time() and not self._aborted:
+                conn.stats.why = "drain timeout"
             if conn.stats.why == "both sides closed":
                 accepted.close()
                 dialled.close()
+            elif conn.stats.why.startswith("idle for") or conn.stats.why == "drain timeout":
+                await self._end_cleanly(accepted, dialled)
             else:
+                # A broken side, a reload that no longer admits the peer, an abort: a
+                # reset, so that neither end can take it for a normal end.
                 accepted.abort()
                 dialled.abort()
             if not conn.stats.why:
                 conn.stats.why = "closed by the daemon"
             self._log_closed(conn)
+
+    async def _end_cleanly(self, *streams: PlainStream | TLSStream) -> None:
+        """End both sides as a normal end of stream (an idle timeout or the SIGTERM drain
+        deadline: ends the daemon decides on, not failures): a FIN on a plain side, a TLS
+        close_notify then a FIN on a TLS side, as a peer closing would; see Stream.end.
+        For the drain deadline this runs in an already cancelled scope, hence the shield;
+        `abort` (a second signal) cuts it short, and each side gets at most a second
+        (a peer that reads nothing can hold up a close_notify), then a reset."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1) as scope:
+            self._ending.add(scope)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for stream in streams:
+                        nursery.start_soon(stream.end)
+            finally:
+                self._ending.discard(scope)
+        for stream in streams:
+            stream.abort()  # a no-op for a side that has ended
 
     async def _dial(
         self, config: TunnelConfig, conn: Connection, client: PlainStream | TLSStream
@@ -488,27 +556,35 @@ class Tunnel:
         )
 
     def _refuse(
-        self, conn: Connection, stream: PlainStream | TLSStream, reason: str, identity: Identity | None = None
+        self,
+        conn: Connection,
+        stream: PlainStream | TLSStream,
+        reason: str,
+        identity: Identity | None = None,
+        **where: str,
     ) -> None:
         """Log the refusal and close with a reset, so the peer cannot take it for a normal end."""
-        self._log_refused(conn, reason, identity)
+        self._log_refused(conn, reason, identity, **where)
         stream.abort()
 
-    def _log_refused(self, conn: Connection, reason: str, identity: Identity | None = None) -> None:
+    def _log_refused(self, conn: Connection, reason: str, identity: Identity | None = None, **where: str) -> None:
         self.metrics.refused(self.name, reason)
         who = f" identity={identity.describe()}" if identity else ""
+        place = "".join(f" {key}={value}" for key, value in where.items())
         event(
             logging.WARNING,
             "refused",
-            "refused: %s tunnel=%s peer=%s%s",
+            "refused: %s tunnel=%s peer=%s%s%s",
             reason,
             self.name,
             conn.peer,
             who,
+            place,
             tunnel=self.name,
             peer=conn.peer,
             identity=identity.describe() if identity else None,
             reason=reason,
+            **where,
         )
 
     def _log_target_down(self, conn: Connection, why: str) -> None:
@@ -665,7 +741,8 @@ async def _accept(listener: socket.socket, name: str) -> tuple[socket.socket, An
 
 
 async def dial_any(targets: tuple[Address, ...], seconds_each: float) -> tuple[socket.socket, Address]:
-    """Connect to the first target that answers, in order; TargetUnavailable if none does."""
+    """Connect to the first target that answers, in order; TargetUnavailable if none does.
+    Each target gets `seconds_each` seconds, for all of its addresses together."""
     problems = []
     for target in targets:
         try:
@@ -675,27 +752,114 @@ async def dial_any(targets: tuple[Address, ...], seconds_each: float) -> tuple[s
     raise TargetUnavailable("; ".join(problems))
 
 
+# RFC 8305 section 5: start the next address this long after the previous attempt if it
+# has not failed or succeeded by then (its recommended default).
+CONNECTION_ATTEMPT_DELAY = 0.25
+
+SockAddr = tuple[socket.AddressFamily, Any]
+
+
 async def dial(target: Address, deadline: float = math.inf) -> socket.socket:
-    """Open a non-blocking connection to one target; TimeoutError ("connect timeout") if
-    it takes past `deadline`. A deadline costs a cancel scope only where there is a wait:
-    a local target has usually accepted before connect() returns."""
+    """Open a non-blocking connection to one target by `deadline` (trio time).
+
+    A unix path or an IP literal is one address. A host name is resolved on every dial
+    (so DNS changes are followed), and every address it resolves to is tried, in the
+    order `interleave` gives, "Happy Eyeballs" style (RFC 8305 sections 4-5): the next
+    attempt starts as soon as the previous one fails, or after 250 ms while it is still
+    pending; the first to connect wins and the others are closed.
+
+    Raises TimeoutError ("connect timeout") when nothing connected by the deadline, or an
+    OSError naming, for a name with several addresses, each address and its failure
+    (`[::1]:5432: Connection refused; 127.0.0.1:5432: connect timeout`)."""
     if target.path is not None:
+        return await _connect(socket.AF_UNIX, target.path, deadline)
+    resolved = _numeric_address(target.host, target.port)
+    if resolved is not None:
+        return await _connect(resolved[0], resolved[1], deadline)
+    infos = None
+    with trio.move_on_at(deadline):
+        infos = await trio.socket.getaddrinfo(
+            target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    if infos is None:
+        raise TimeoutError(errno.ETIMEDOUT, "connect timeout")
+    addresses = interleave(infos)
+    if not addresses:
+        raise OSError(errno.EHOSTUNREACH, f"no address for {target.host}")
+    if len(addresses) == 1:
+        return await _connect(addresses[0][0], addresses[0][1], deadline)
+    return await _connect_first(addresses, deadline)
+
+
+def interleave(infos: Sequence[tuple[Any, ...]]) -> list[SockAddr]:
+    """getaddrinfo results as (family, sockaddr) in the order to try them, RFC 8305
+    section 4: the family of the first result first, then alternate families, each
+    family's addresses in their own order. Repeated addresses are tried once."""
+    by_family: dict[Any, list[SockAddr]] = {}
+    seen = set()
+    for info in infos:
+        family, sockaddr = info[0], info[4]
+        if (family, sockaddr) not in seen:
+            seen.add((family, sockaddr))
+            by_family.setdefault(family, []).append((family, sockaddr))
+    queues = list(by_family.values())  # dicts keep insertion order: the first family first
+    ordered: list[SockAddr] = []
+    while queues:
+        ordered.extend(queue.pop(0) for queue in queues)
+        queues = [queue for queue in queues if queue]
+    return ordered
+
+
+async def _connect_first(addresses: list[SockAddr], deadline: float) -> socket.socket:
+    """Race connection attempts to `addresses` (RFC 8305 section 5); the first to connect."""
+    winner: socket.socket | None = None
+    failures: dict[int, OSError] = {}
+
+    async def attempt(index: int, family: socket.AddressFamily, sockaddr: Any, failed: trio.Event) -> None:
+        nonlocal winner
+        try:
+            sock = await _connect(family, sockaddr, deadline)
+        except OSError as exc:
+            failures[index] = exc
+            failed.set()
+            return
+        if winner is None:
+            winner = sock
+            nursery.cancel_scope.cancel()
+        else:  # connected in the same instant as another: not needed
+            sock.close()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for index, (family, sockaddr) in enumerate(addresses):
+                if trio.current_time() >= deadline:
+                    break
+                failed = trio.Event()
+                nursery.start_soon(attempt, index, family, sockaddr, failed)
+                with trio.move_on_after(CONNECTION_ATTEMPT_DELAY):
+                    await failed.wait()
+    except BaseException:
+        if winner is not None:
+            winner.close()
+        raise
+    if winner is not None:
+        return winner
+    problems = [f"{_format_peer(addresses[i][1])}: {failures[i].strerror or failures[i]}" for i in sorted(failures)]
+    if len(failures) < len(addresses):
+        problems.append(f"{len(addresses) - len(failures)} more not tried before the deadline")
+    if all(isinstance(exc, TimeoutError) for exc in failures.values()):
+        raise TimeoutError(errno.ETIMEDOUT, "; ".join(problems))
+    first = failures[min(failures)]
+    raise OSError(first.errno, "; ".join(problems))
+
+
+async def _connect(family: socket.AddressFamily, sockaddr: Any, deadline: float) -> socket.socket:
+    """A connected non-blocking socket to one address; TimeoutError ("connect timeout")
+    past `deadline`. A deadline costs a cancel scope only where there is a wait: a local
+    target has usually accepted before connect() returns."""
+    if family == socket.AF_UNIX:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sockaddr: Any = target.path
     else:
-        resolved = _numeric_address(target.host, target.port)
-        if resolved is None:  # a name: resolve it on every dial, so DNS changes are followed
-            infos = None
-            with trio.move_on_at(deadline):
-                infos = await trio.socket.getaddrinfo(
-                    target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-                )
-            if infos is None:
-                raise TimeoutError(errno.ETIMEDOUT, "connect timeout")
-            if not infos:
-                raise OSError(errno.EHOSTUNREACH, f"no address for {target.host}")
-            resolved = infos[0][0], infos[0][4]
-        family, sockaddr = resolved
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
@@ -707,7 +871,7 @@ async def dial(target: Address, deadline: float = math.inf) -> socket.socket:
                 # EAGAIN is a refusal, not a connection in progress: a unix socket whose
                 # accept queue is full, or no local port left. Waiting would hand back a
                 # socket that never connected.
-                why = "its accept queue is full" if target.path is not None else "no local port is free"
+                why = "its accept queue is full" if family == socket.AF_UNIX else "no local port is free"
                 raise OSError(exc.errno, why) from None
             # A local target has often accepted by now: ask again before waiting.
             error = sock.connect_ex(sockaddr)
@@ -790,6 +954,18 @@ def handshake_failure_reason(exc: ssl.SSLError) -> str:
     if reason in _SSL_REASONS:
         return _SSL_REASONS[reason]
     return ssl_reason(exc)
+
+
+def received_alert(exc: ssl.SSLError) -> str | None:
+    """The TLS alert the peer sent, by its RFC 8446 section 6 name in words (`unknown ca`,
+    `bad certificate`, `certificate required`), read from OpenSSL's reason code for a
+    received alert (SSLV3_ALERT_*, TLSV1_ALERT_*, TLSV13_ALERT_*); None for any other
+    failure (one found on our side)."""
+    reason = str(exc.reason or "")
+    for prefix in ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_"):
+        if reason.startswith(prefix):
+            return reason.removeprefix(prefix).replace("_", " ").lower()
+    return None
 
 
 def _format_peer(address: Any) -> str:

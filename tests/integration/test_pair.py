@@ -6,9 +6,12 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -21,6 +24,7 @@ from tests.helpers import (
     client_doc,
     echo,
     hash_then_reply,
+    hostport,
     read_until_closed,
     recv_all,
     running_tunnel,
@@ -29,6 +33,9 @@ from tests.helpers import (
     tcp_connect,
     write_yaml,
 )
+from tunnel.config import load_file
+from tunnel.metrics import PrometheusMetrics
+from tunnel.tunnel import Tunnel, TunnelState
 
 
 @asynccontextmanager
@@ -209,3 +216,126 @@ async def test_client_tunnel_resumes_tls_sessions(
     assert len(opened) == 3
     assert "resumed" not in opened[0]
     assert all("tls=TLSv1.3 resumed" in line for line in opened[1:]), opened
+
+
+@asynccontextmanager
+async def client_tunnel(doc: dict[str, Any], tmp: Path) -> AsyncIterator[tuple[str, PrometheusMetrics]]:
+    """A client tunnel from `doc`, counting into real metrics; yields its address and them."""
+    tunnels: list[Tunnel] = []
+    metrics = PrometheusMetrics(lambda: tunnels)
+    tunnel = Tunnel(TunnelState.build(load_file(write_yaml(tmp / "client.yaml", doc))), metrics)
+    tunnels.append(tunnel)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(tunnel.serve)
+        yield hostport(address), metrics
+        tunnel.abort()
+
+
+@asynccontextmanager
+async def tls_server(p: PKI, *, version: ssl.TLSVersion, tickets: bool = True) -> AsyncIterator[tuple[str, Backend]]:
+    """A stdlib TLS server (up to `version`, in a thread, with blocking sockets: OpenSSL
+    writes its alerts straight to the socket) requiring a certificate from p's CA; echoes."""
+    context = p.server_context()
+    context.maximum_version = version
+    if not tickets:
+        context.num_tickets = 0
+    state = Backend()
+    listener = socket.create_server(("127.0.0.1", 0))
+    state.port = listener.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return  # the listener was closed: the test is over
+            with sock:
+                try:
+                    with context.wrap_socket(sock, server_side=True) as tls:
+                        state.accepted += 1
+                        while data := tls.recv(65536):
+                            tls.sendall(data)
+                except (ssl.SSLError, OSError):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield state.address, state
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+
+
+def stranger_client_doc(p: PKI, server: str, tmp: Path) -> dict[str, Any]:
+    """A client tunnel presenting other-app1, whose CA the server does not trust (the
+    tunnel trusts both CAs: its own certificate must chain to its tls.ca)."""
+    bundle = tmp / "both-cas.crt"
+    bundle.write_bytes(p.ca.read_bytes() + (p.other / "ca.crt").read_bytes())
+    doc = client_doc(p, server)
+    doc["tls"].update(cert=str(p.other / "other-app1.crt"), key=str(p.other / "other-app1.key"), ca=str(bundle))
+    return doc
+
+
+def counted(metrics: PrometheusMetrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, {"tunnel": "client", **labels}) or 0.0
+
+
+async def assert_refused_by_server(
+    address: str, metrics: PrometheusMetrics, caplog: pytest.LogCaptureFixture, alert: str
+) -> None:
+    async with await tcp_connect(address) as app:
+        with trio.fail_after(5):
+            assert await read_until_closed(app) == b""  # the application's connection is closed
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"refused: refused by server: {alert} tunnel=client") for m in messages), messages
+    assert not any(m.startswith("opened tunnel=client") for m in messages), messages
+    assert counted(metrics, "tunnel_connections_refused_total", reason="refused by server") == 1
+    assert counted(metrics, "tunnel_connections_opened_total") == 0
+
+
+async def test_a_client_tunnel_refused_by_a_server_tunnel_under_tls_1_3_logs_and_counts_a_refusal(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In TLS 1.3 the client's handshake ends before the server checks its certificate:
+    the server's alert comes after. It used to be logged as opened, then closed."""
+    caplog.set_level(logging.INFO, logger="tunnel")
+    async with backend(echo) as target:
+        server = write_yaml(tmp_path / "server.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(server) as (_, server_address):
+            async with client_tunnel(stranger_client_doc(pki_files, server_address, tmp_path), tmp_path) as (
+                address,
+                metrics,
+            ):
+                await assert_refused_by_server(address, metrics, caplog, "unknown ca")
+    assert target.accepted == 0
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+async def test_a_client_tunnel_refused_by_a_tls_server_logs_the_servers_alert(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture, version: ssl.TLSVersion
+) -> None:
+    caplog.set_level(logging.INFO, logger="tunnel")
+    async with tls_server(pki_files, version=version) as (server, state):
+        async with client_tunnel(stranger_client_doc(pki_files, server, tmp_path), tmp_path) as (address, metrics):
+            await assert_refused_by_server(address, metrics, caplog, "unknown ca")
+    assert state.accepted == 0
+
+
+@pytest.mark.parametrize("tickets", [True, False], ids=["tickets", "no-tickets"])
+async def test_a_client_tunnel_accepted_under_tls_1_3_is_opened_and_relays(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture, tickets: bool
+) -> None:
+    """The wait for the server's verdict ends on its session ticket, or, from a server
+    that sends none (and waits for the client to speak), after a short while."""
+    caplog.set_level(logging.INFO, logger="tunnel")
+    async with tls_server(pki_files, version=ssl.TLSVersion.TLSv1_3, tickets=tickets) as (server, _):
+        async with client_tunnel(client_doc(pki_files, server), tmp_path) as (address, metrics):
+            async with await tcp_connect(address) as app:
+                with trio.fail_after(5):
+                    await app.send_all(b"ping")
+                    assert await app.receive_some() == b"ping"
+            assert counted(metrics, "tunnel_connections_opened_total") == 1
+            assert counted(metrics, "tunnel_connections_refused_total", reason="refused by server") == 0
+    assert any(r.getMessage().startswith("opened tunnel=client") for r in caplog.records)
