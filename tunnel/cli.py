@@ -11,6 +11,7 @@ import click
 
 from tunnel import __version__, pki
 from tunnel.config import Address, ConfigError, load_paths, parse_address
+from tunnel.passwords import read_password_file
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -94,6 +95,11 @@ def ca_init(directory: Path, name: str, days: int, key_type: str, force: bool) -
 @click.option("--days", type=_days, default=365, show_default=True, help="Validity.")
 @click.option("--key-type", type=_key_types, help="Key type (default: the CA's).")
 @click.option("--force", is_flag=True, help="Replace an existing NAME.key and NAME.crt.")
+@click.option(
+    "--key-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Encrypt NAME.key with the password in this file (one trailing newline ignored).",
+)
 def ca_issue(
     directory: Path,
     name: str,
@@ -106,10 +112,21 @@ def ca_issue(
     days: int,
     key_type: str | None,
     force: bool,
+    key_password_file: Path | None,
 ) -> None:
     """Issue NAME.crt and NAME.key signed by the CA."""
     if server == client:
         raise click.UsageError("exactly one of --server or --client is required")
+    key_password = None
+    if key_password_file is not None:
+        try:
+            key_password = read_password_file(key_password_file)
+        except OSError as exc:
+            raise click.BadParameter(
+                f"cannot read {key_password_file}: {exc.strerror or exc}", param_hint="--key-password-file"
+            ) from None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--key-password-file") from None
     crt, key = pki.issue(
         directory,
         name,
@@ -121,6 +138,7 @@ def ca_issue(
         days=days,
         force=force,
         key_type=key_type,
+        key_password=key_password,
     )
     click.echo(f"wrote {crt} and {key}")
 
