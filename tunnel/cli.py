@@ -11,6 +11,7 @@ import click
 
 from tunnel import __version__, pki
 from tunnel.config import Address, ConfigError, load_paths, parse_address
+from tunnel.passwords import read_password_file, readable_by_others
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -113,6 +114,11 @@ def ca_init(directory: Path, name: str, days: int | None, key_type: str, force: 
 @click.option("--days", type=_days, default=365, show_default=True, help="Validity.")
 @click.option("--key-type", type=_key_types, help="Key type (default: the CA's).")
 @click.option("--force", is_flag=True, help="Replace an existing NAME.key and NAME.crt.")
+@click.option(
+    "--key-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Encrypt NAME.key with the password in this file (one trailing newline ignored).",
+)
 def ca_issue(
     directory: Path,
     name: str,
@@ -125,10 +131,21 @@ def ca_issue(
     days: int,
     key_type: str | None,
     force: bool,
+    key_password_file: Path | None,
 ) -> None:
     """Issue NAME.crt and NAME.key signed by the CA."""
     if server == client:
         raise click.UsageError("exactly one of --server or --client is required")
+    key_password = None
+    if key_password_file is not None:
+        try:
+            key_password = read_password_file(key_password_file)
+        except OSError as exc:
+            raise click.BadParameter(
+                f"cannot read {key_password_file}: {exc.strerror or exc}", param_hint="--key-password-file"
+            ) from None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--key-password-file") from None
     crt, key = pki.issue(
         directory,
         name,
@@ -140,6 +157,7 @@ def ca_issue(
         days=days,
         force=force,
         key_type=key_type,
+        key_password=key_password,
     )
     click.echo(f"wrote {crt} and {key}")
 
@@ -196,6 +214,13 @@ def check(paths: tuple[Path, ...]) -> None:
         config = state.config
         for warning in state.warnings:
             click.echo(f"warning: {warning}", err=True)
+        password_file = config.tls.key_password_file
+        if password_file is not None and readable_by_others(password_file):
+            click.echo(
+                f"warning: {config.source}: tls.key_password_file: {password_file} is readable by every user "
+                "(chmod o-r it)",
+                err=True,
+            )
         click.echo(f"ok: {config.source} ({config.name}: {config.mode}, listen {config.listen})")
 
 

@@ -59,6 +59,7 @@ class TLSConfig:
     crl: tuple[Path, ...] = ()  # one CRL file per issuing CA
     server_name: str | None = None
     min_version: Literal["1.2", "1.3"] = "1.2"
+    key_password_file: Path | None = None  # the password of an encrypted tls.key
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class TunnelConfig:
     def files(self) -> set[Path]:
         """Every file this tunnel was configured from: the YAML file and what it names."""
         tls = self.tls
-        return {self.source, tls.cert, tls.key, tls.ca, *tls.crl}
+        optional = [tls.key_password_file] if tls.key_password_file is not None else []
+        return {self.source, tls.cert, tls.key, tls.ca, *tls.crl, *optional}
 
 
 TOP_KEYS = {
@@ -102,7 +104,7 @@ TOP_KEYS = {
     "proxy_protocol",
     "workers",
 }
-TLS_KEYS = {"cert", "key", "ca", "crl", "server_name", "min_version"}
+TLS_KEYS = {"cert", "key", "ca", "crl", "server_name", "min_version", "key_password_file"}
 ALLOW_KEYS = {"cn", "dns", "uri", "ou", "fingerprint", "any"}
 LIMIT_KEYS = {
     "handshake_timeout",
@@ -372,6 +374,8 @@ def _parse_tls(r: _Reader, value: object, mode: str, targets: tuple[Address, ...
         if key not in tls:
             raise r.error(f"tls.{key}", "required")
     crl = _parse_crl(r, tls.get("crl"))
+    password_file = tls.get("key_password_file")
+    key_password_file = r.file_path(password_file, "tls.key_password_file") if password_file is not None else None
     raw_min_version = tls.get("min_version", "1.2")
     # str() only what can be "1.2"/"1.3": a string, or the float of an unquoted 1.2
     min_version = str(raw_min_version) if isinstance(raw_min_version, str | float) else ""
@@ -392,6 +396,7 @@ def _parse_tls(r: _Reader, value: object, mode: str, targets: tuple[Address, ...
         crl=crl,
         server_name=server_name,
         min_version="1.3" if min_version == "1.3" else "1.2",
+        key_password_file=key_password_file,
     )
 
 

@@ -178,8 +178,11 @@ def issue(
     days: int = 365,
     force: bool = False,
     key_type: str | None = None,
+    key_password: bytes | None = None,
 ) -> tuple[Path, Path]:
-    """Issue a server or client certificate NAME.crt/NAME.key; return (crt_path, key_path)."""
+    """Issue a server or client certificate NAME.crt/NAME.key; return (crt_path, key_path).
+    With *key_password*, NAME.key is encrypted with it (PKCS#8; tunnel files then need
+    tls.key_password_file)."""
     _check_name(name)
     if kind not in KINDS:
         raise PKIError(f"unknown certificate kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -226,7 +229,7 @@ def issue(
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     chain = directory / CHAIN_FILE
-    _write(key_path, _key_pem(key), mode=0o600)
+    _write(key_path, _key_pem(key, key_password), mode=0o600)
     _write(crt_path, cert.public_bytes(serialization.Encoding.PEM) + (_read(chain) if chain.exists() else b""))
     return crt_path, key_path
 
@@ -411,12 +414,13 @@ def _key_type_of(key: PrivateKey) -> str:
     return "rsa" if isinstance(key, rsa.RSAPrivateKey) else "ec"
 
 
-def _key_pem(key: PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+def _key_pem(key: PrivateKey, password: bytes | None = None) -> bytes:
+    """PKCS#8 PEM; encrypted with *password* when given (cryptography's best available
+    encryption: PBES2, AES-256-CBC, `-----BEGIN ENCRYPTED PRIVATE KEY-----`)."""
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
     )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
 
 def _refuse_existing(*paths: Path) -> None:

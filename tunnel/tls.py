@@ -13,6 +13,7 @@ import ssl
 from pathlib import Path
 
 from tunnel.config import ConfigError, TLSConfig, TunnelConfig
+from tunnel.passwords import read_password_file
 from tunnel.session_cache import use_session_cache
 from tunnel.streams import ssl_words
 
@@ -60,15 +61,56 @@ def build_context(config: TunnelConfig) -> ssl.SSLContext:
     return ctx
 
 
+class _KeyIsEncrypted(Exception):
+    """Raised from the password callback when OpenSSL asks for a password we do not have."""
+
+
 def _load_identity(ctx: ssl.SSLContext, source: Path, tls: TLSConfig) -> None:
+    """Load tls.cert and tls.key into *ctx*. Never prompts: OpenSSL gets a password
+    callback always (without one it reads the password from /dev/tty, and waits for it),
+    and the callback gives the password from tls.key_password_file or refuses. ConfigError
+    naming tls.key when the key is encrypted and there is no password, or the wrong one."""
+    password = key_password(source, tls)
+    asked = False
+
+    def give_password() -> bytes:
+        nonlocal asked
+        asked = True
+        if password is None:
+            raise _KeyIsEncrypted
+        return password
+
     try:
-        ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+        ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key), password=give_password)
+    except _KeyIsEncrypted:
+        raise ConfigError(source, "tls.key", f"{tls.key}: the key is encrypted: set tls.key_password_file") from None
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
             raise ConfigError(source, "tls.key", f"{tls.key} does not match {tls.cert}") from None
+        if asked:  # the certificate loaded (it comes first) and the key would not decrypt
+            raise ConfigError(
+                source, "tls.key", f"cannot decrypt {tls.key}: wrong password (tls.key_password_file)"
+            ) from None
         raise ConfigError(source, "tls.cert", f"cannot load {tls.cert} with key {tls.key}: {_reason(exc)}") from None
+    except ValueError as exc:  # CPython: "password cannot be longer than N bytes"
+        raise ConfigError(source, "tls.key_password_file", str(exc)) from None
     except OSError as exc:
         raise ConfigError(source, "tls.cert", f"cannot read: {exc}") from None
+
+
+def key_password(source: Path, tls: TLSConfig) -> bytes | None:
+    """The password in tls.key_password_file (see passwords.read_password_file), or None
+    when there is none. ConfigError naming tls.key_password_file if it is empty or unreadable."""
+    if tls.key_password_file is None:
+        return None
+    try:
+        return read_password_file(tls.key_password_file)
+    except ValueError as exc:
+        raise ConfigError(source, "tls.key_password_file", str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(
+            source, "tls.key_password_file", f"cannot read {tls.key_password_file}: {exc.strerror or exc}"
+        ) from None
 
 
 def _load_trust(ctx: ssl.SSLContext, source: Path, tls: TLSConfig) -> None:

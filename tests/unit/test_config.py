@@ -280,6 +280,23 @@ def test_home_relative_paths_are_expanded(tmp_path: Path, monkeypatch: pytest.Mo
     assert config.tls == tls_files(home)
 
 
+def test_key_password_file_is_relative_to_the_yaml_file_and_watched(tmp_path: Path) -> None:
+    conf_dir = make_pki_files(tmp_path / "conf")
+    (conf_dir / "secrets").mkdir()
+    (conf_dir / "secrets" / "key.pass").write_text("s3cret\n")
+    tls = {"cert": "cert.pem", "key": "key.pem", "ca": "ca.pem", "key_password_file": "secrets/key.pass"}
+    config = load_file(write_yaml(conf_dir / "t.yaml", server_doc(tls=tls)))
+    assert config.tls == tls_files(conf_dir, key_password_file=conf_dir / "secrets" / "key.pass")
+    assert conf_dir / "secrets" / "key.pass" in config.files()
+
+
+def test_key_password_file_must_exist(tmp_path: Path) -> None:
+    conf_dir = make_pki_files(tmp_path / "conf")
+    tls = {"cert": "cert.pem", "key": "key.pem", "ca": "ca.pem", "key_password_file": "nope.pass"}
+    with pytest.raises(ConfigError, match=r"tls\.key_password_file: file not found: .*nope\.pass"):
+        load_file(write_yaml(conf_dir / "t.yaml", server_doc(tls=tls)))
+
+
 def test_config_objects_are_frozen(tmp_path: Path) -> None:
     make_pki_files(tmp_path)
     config = load_file(write_yaml(tmp_path / "t.yaml", server_doc()))
@@ -636,7 +653,7 @@ def test_unknown_key_message_lists_the_allowed_keys(tmp_path: Path) -> None:
     make_pki_files(tmp_path)
     with pytest.raises(ConfigError) as caught:
         load_file(write_yaml(tmp_path / "t.yaml", _with(S, "tls.foo", 1)))
-    assert "ca, cert, crl, key, min_version, server_name" in caught.value.message
+    assert "ca, cert, crl, key, key_password_file, min_version, server_name" in caught.value.message
 
 
 @pytest.mark.parametrize(

@@ -238,6 +238,22 @@ def test_issue_rsa_on_request(ca_dir: Path, ca_cert: x509.Certificate) -> None:
     )
 
 
+@pytest.mark.parametrize("key_type", ["ec", "rsa"])
+def test_issue_with_a_key_password_writes_an_encrypted_pkcs8_key(ca_dir: Path, key_type: str) -> None:
+    crt, key_path = pki.issue(ca_dir, "redis", kind="server", key_type=key_type, key_password=b"s3cret")
+    pem = key_path.read_bytes()
+    assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n")
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    with pytest.raises(TypeError, match="encrypted"):
+        serialization.load_pem_private_key(pem, password=None)
+    with pytest.raises(ValueError, match="password"):
+        serialization.load_pem_private_key(pem, password=b"wrong")
+    key = serialization.load_pem_private_key(pem, password=b"s3cret")
+    assert key.public_key() == load_cert(crt).public_key()
+    # and OpenSSL (what the tunnel loads it with) takes it with the same password
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(crt, key_path, password=lambda: b"s3cret")
+
+
 def test_issue_from_rsa_ca_defaults_to_rsa(tmp_path: Path) -> None:
     pki.init_ca(tmp_path, key_type="rsa")
     crt, _ = pki.issue(tmp_path, "svc", kind="client")
