@@ -3,6 +3,7 @@ were configured from changes), warn about expiring certificates, drain and stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -166,6 +167,21 @@ class Daemon:
                     bound.close_listener()
                 _reload_failed(exc)
                 return False
+        # A unix: listener that stays bound takes the new unix.group and unix.mode now (or,
+        # if one cannot be applied, every one goes back to what it was and nothing changes).
+        keeping = [(tunnel, states[name]) for name, tunnel in current.items() if name in states]
+        try:
+            for tunnel, state in keeping:
+                if state.config.listen == tunnel.state.config.listen:
+                    tunnel.set_unix_permissions(state.config.unix)
+        except OSError as exc:
+            for tunnel, _ in keeping:
+                with contextlib.suppress(OSError):
+                    tunnel.set_unix_permissions(tunnel.state.config.unix)
+            for bound in starting:
+                bound.close_listener()
+            _reload_failed(exc)
+            return False
 
         # Start the new listeners first; from here to the swap below nothing yields, so
         # /healthz never sees a stopped tunnel among the serving ones.
