@@ -604,14 +604,22 @@ def bind_listener(address: Address, *, reuse_port: bool = False, unix: UnixSocke
 
 
 def set_unix_permissions(path: str, unix: UnixSocket) -> None:
-    """chown the socket file to unix.group (None: the daemon's effective group), then chmod
-    it to unix.mode: in that order, so the mode never opens it to the wrong group.
-    OSError naming the key if either fails (chown(2): only root, or a member of the group)."""
+    """Give the socket file the group unix.group (None: the daemon's effective group), then
+    the mode unix.mode: in that order, so the mode never opens it to the wrong group.
+    chown(2) only where the group differs: a socket bound by a daemon whose own group is
+    unix.group already has it, and the systemd unit's system call filter forbids chown.
+    OSError naming the key if either fails (chown: only root, or a member of the group)."""
     gid = os.getegid() if unix.group is None else unix.group
     try:
-        os.chown(path, -1, gid)
+        if os.stat(path).st_gid != gid:
+            os.chown(path, -1, gid)
     except OSError as exc:
-        hint = " (the daemon must be root or a member of that group)" if exc.errno == errno.EPERM else ""
+        hint = (
+            " (only root or a member of the group may; under systemd/tunnel@.service, which filters"
+            " out chown, make it the service's Group= instead)"
+            if exc.errno == errno.EPERM
+            else ""
+        )
         raise OSError(exc.errno, f"unix.group: cannot give {path} group {gid}: {exc.strerror}{hint}") from exc
     try:
         os.chmod(path, unix.mode)

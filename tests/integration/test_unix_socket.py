@@ -22,10 +22,10 @@ import pytest
 import trio
 
 from tests.helpers import PKI, Backend, backend, client_doc, echo, running_tunnel, server_doc, write_yaml
-from tunnel.config import load_paths
+from tunnel.config import Address, UnixSocket, load_paths
 from tunnel.daemon import Daemon, build_states
 from tunnel.metrics import PrometheusMetrics
-from tunnel.tunnel import Tunnel, TunnelState
+from tunnel.tunnel import Tunnel, TunnelState, bind_listener
 
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to connect as other uids")
@@ -352,3 +352,32 @@ def test_a_live_socket_with_a_full_accept_queue_is_not_taken_for_a_stale_one(pki
         for filler in queued:
             filler.close()
         busy.close()
+
+
+def test_a_group_the_daemon_cannot_give_is_an_error_naming_unix_group(shared_dir: Path) -> None:
+    """A daemon that is not root (a forked child that drops to nobody) cannot chown the
+    socket to a group it is not in: the error names unix.group, and no socket file is left
+    behind with the wrong group."""
+    os.chown(shared_dir, NOBODY, NOBODY)
+    sock = shared_dir / "s.sock"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                bind_listener(Address(path=str(sock)), unix=UnixSocket(mode=0o660, group=0)).close()
+                report = "bound"
+            except OSError as exc:
+                report = f"{exc.strerror}"
+            os.write(write_end, report.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        report = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert report.startswith(f"unix.group: cannot give {sock} group 0: Operation not permitted (only root")
+    assert not sock.exists()
