@@ -10,7 +10,8 @@
 #   4. the daemon under the unit's sandbox, rebuilt by hand: as `nobody`, with the unit's
 #      SystemCallFilter=, RestrictAddressFamilies= and MemoryDenyWriteExecute= as seccomp
 #      filters: a TLS round trip, the notify protocol, `tunnel status --health`, SIGHUP,
-#      SIGTERM; once as one process and once with --workers 2;
+#      SIGTERM; once as one process and once with --workers 2; then a unix: listen socket
+#      (its mode and group, SO_PEERCRED refusing root, a reload changing its mode);
 #   5. hadolint on the Dockerfile (any finding fails);
 #   6. compose.yaml: YAML, the Compose Specification schema, databases unpublished, mounts.
 #
@@ -225,6 +226,8 @@ has_notify=0
 grep -rqs NOTIFY_SOCKET "$work"/venv/lib/python3*/site-packages/tunnel/ && has_notify=1
 has_workers=0
 "$tunnel" run --help | grep -q -- '--workers' && has_workers=1
+has_unix_section=0
+grep -qs 'UNIX_KEYS' "$work"/venv/lib/python3*/site-packages/tunnel/config.py && has_unix_section=1
 cat >"$work/sandbox.py" <<'PY'
 """Run a command the way systemd/tunnel@.service would confine it, or test the daemon so."""
 
@@ -351,7 +354,7 @@ def fail(message, log=None):
     sys.exit(f"FAIL: {message}")
 
 
-def main(unit, tunnel, work, listen_port, has_status, has_notify, has_workers):
+def main(unit, tunnel, work, listen_port, has_status, has_notify, has_workers, has_unix_section):
     me = [sys.executable, __file__, "confine", unit, "--"]
     # The sandbox must really be there: prove it bites first.
     out = subprocess.run([*me, sys.executable, "-c", CANARY], capture_output=True, text=True, timeout=30)
@@ -496,16 +499,93 @@ def main(unit, tunnel, work, listen_port, has_status, has_notify, has_workers):
     exercise("single", [])
     if has_workers:
         exercise("workers", ["--workers", "2"])
+    if has_unix_section:
+        unix_socket(me, tunnel, work, listen_port)
+
+
+def unix_socket(me, tunnel, work, listen_port):
+    """A client tunnel on a unix socket, as docs/deploy.md sets one up: the socket's mode and
+    group (no chown: the filter forbids it), SO_PEERCRED refusing root, a reload's new mode."""
+    print("-- tunnel run with listen: unix:... and unix: {mode, group, allow_users}")
+    run = work / "run"  # stands for /run/tunnel/%i: owned by the service's user, 0750
+    run.mkdir()
+    os.chown(run, 65534, 65534)
+    run.chmod(0o750)
+    sock = run / "app.sock"
+    config = work / "etc" / "unix.yaml"
+    text = (
+        f"mode: client\nlisten: unix:{sock}\ntarget: 127.0.0.1:{listen_port}\n"
+        "tls: {cert: certs/app1.crt, key: certs/app1.key, ca: certs/ca.crt, server_name: localhost}\n"
+        'unix: {mode: "MODE", group: nogroup, allow_users: [nobody]}\n'
+    )
+    config.write_text(text.replace("MODE", "0660"))
+    log = work / "daemon-unix.log"
+    with log.open("wb") as log_file:
+        daemon = subprocess.Popen(
+            [*me, tunnel, "run", str(config)],
+            env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    atexit.register(lambda: daemon.poll() is None and (daemon.kill(), daemon.wait()))
+
+    def wait_for(predicate, what):
+        deadline = time.monotonic() + 20
+        while not predicate():
+            if daemon.poll() is not None:
+                fail(f"daemon exited ({daemon.returncode}) while waiting for {what}", log)
+            if time.monotonic() > deadline:
+                fail(f"timed out waiting for {what}", log)
+            time.sleep(0.05)
+
+    def mode_gid():
+        try:
+            st = os.stat(sock)
+        except FileNotFoundError:
+            return None
+        return oct(st.st_mode & 0o777), st.st_gid
+
+    wait_for(lambda: mode_gid() is not None, "the unix socket")
+    if mode_gid() != ("0o660", 65534):
+        fail(f"unix socket mode and gid: {mode_gid()}, want 0660 and 65534 (nogroup)", log)
+    print("ok: socket file 0660, group nogroup (created with the daemon's group: no chown)")
+    with socket.socket(socket.AF_UNIX) as root_client:  # root may open it, but is not nobody
+        root_client.settimeout(10)
+        root_client.connect(str(sock))
+        try:
+            got = root_client.recv(100)
+        except ConnectionResetError:
+            got = b""
+    wait_for(lambda: "refused: unix peer not allowed: uid 0" in log.read_text(), "the SO_PEERCRED refusal")
+    if got:
+        fail(f"root got {got!r} through a tunnel that allows only nobody", log)
+    print("ok: root refused by unix.allow_users (SO_PEERCRED under the filters)")
+    config.write_text(text.replace("MODE", "0600"))
+    daemon.send_signal(signal.SIGHUP)
+    wait_for(lambda: mode_gid() == ("0o600", 65534), "mode 0600 after SIGHUP")
+    print("ok: SIGHUP: the same socket now 0600")
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        code = daemon.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        fail("no exit within 30s of SIGTERM", log)
+    text = log.read_text()
+    if code != 0 or "Traceback" in text or "Operation not permitted" in text or "reload failed" in text:
+        fail(f"exit status {code}, or a traceback, denied call or failed reload in the log", log)
+    if sock.exists():
+        fail("the socket file is left behind after SIGTERM", log)
+    print("ok: SIGTERM: exit 0, socket removed; log clean")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "confine":
         confine_and_exec(sys.argv[2], sys.argv[4:])
     else:
-        unit, tunnel, work, listen_port, has_status, has_notify, has_workers = sys.argv[1:]
-        main(unit, tunnel, Path(work), int(listen_port), has_status == "1", has_notify == "1", has_workers == "1")
+        unit, tunnel, work, listen_port, has_status, has_notify, has_workers, has_unix = sys.argv[1:]
+        flags = (flag == "1" for flag in (has_status, has_notify, has_workers, has_unix))
+        main(unit, tunnel, Path(work), int(listen_port), *flags)
 PY
-$PY "$work/sandbox.py" "$repo/$UNIT" "$tunnel" "$work" "$listen_port" "$has_status" "$has_notify" "$has_workers"
+$PY "$work/sandbox.py" "$repo/$UNIT" "$tunnel" "$work" "$listen_port" "$has_status" "$has_notify" "$has_workers" "$has_unix_section"
 
 # --- 5. Dockerfile -------------------------------------------------------------------------
 step "hadolint Dockerfile"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import grp
 import ipaddress
 import math
 import os
+import pwd
 import re
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -72,6 +74,22 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class UnixSocket:
+    """`unix:`: the listen socket file's permissions, and which local processes may use it.
+
+    Names are resolved to numeric ids when the file is loaded (again on every reload)."""
+
+    mode: int = 0o600  # permission bits of the socket file (connecting needs write permission)
+    group: int | None = None  # gid the socket file is chowned to; None: the daemon's own group
+    allow_users: frozenset[int] | None = None  # uids that may connect; None: no uid rule
+    allow_groups: frozenset[int] | None = None  # gids that may connect; None: no group rule
+
+    @property
+    def checks_peers(self) -> bool:
+        return self.allow_users is not None or self.allow_groups is not None
+
+
+@dataclass(frozen=True)
 class TunnelConfig:
     name: str
     mode: Mode
@@ -84,6 +102,7 @@ class TunnelConfig:
     status: Address | None = None  # where to serve /healthz, /metrics, /connections
     proxy_protocol: Literal["v2"] | None = None
     workers: int = 1  # processes for the whole daemon (the largest any file asks for)
+    unix: UnixSocket = field(default_factory=UnixSocket)  # only used when listen is unix:
 
     def files(self) -> set[Path]:
         """Every file this tunnel was configured from: the YAML file and what it names."""
@@ -103,7 +122,9 @@ TOP_KEYS = {
     "status",
     "proxy_protocol",
     "workers",
+    "unix",
 }
+UNIX_KEYS = {"mode", "group", "allow_users", "allow_groups"}
 TLS_KEYS = {"cert", "key", "ca", "crl", "server_name", "min_version", "key_password_file"}
 ALLOW_KEYS = {"cn", "dns", "uri", "ou", "fingerprint", "any"}
 LIMIT_KEYS = {
@@ -353,6 +374,11 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
     workers = top.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
         raise r.error("workers", f"expected a whole number from 1 to 256, not {_show(workers)}")
+    unix = UnixSocket()
+    if "unix" in top:
+        if not listen.is_unix:
+            raise r.error("unix", f"only for a unix: listen address (listen is {listen})")
+        unix = _parse_unix(r, top["unix"])
     return TunnelConfig(
         name=name,
         mode=mode,
@@ -365,6 +391,7 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         status=status,
         proxy_protocol=proxy_protocol,
         workers=workers,
+        unix=unix,
     )
 
 
@@ -435,6 +462,57 @@ def _parse_allow(r: _Reader, value: object) -> AllowRule:
 def _check_fingerprint(r: _Reader, fp: str, key: str) -> None:
     if not re.fullmatch(r"[0-9a-f]{64}", normalize_fingerprint(fp)):
         raise r.error(key, f"{_show(fp)} is not a SHA-256 hex fingerprint")
+
+
+_MODE = re.compile(r"(?:0o?)?([0-7]{3})", re.ASCII)
+_MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to chown(2)
+
+
+def _parse_unix(r: _Reader, value: object) -> UnixSocket:
+    unix = r.mapping(value if value is not None else {}, "unix", UNIX_KEYS)
+    mode = 0o600
+    if unix.get("mode") is not None:
+        raw = unix["mode"]
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            # Unquoted, YAML reads 0660 as the octal 432 and 660 as the decimal 660.
+            raise r.error("unix.mode", f'write the octal mode as a quoted string, e.g. "0660", not {_show(raw)}')
+        match = _MODE.fullmatch(raw) if isinstance(raw, str) else None
+        if match is None:
+            raise r.error("unix.mode", f'expected an octal mode from "0000" to "0777", e.g. "0660", not {_show(raw)}')
+        mode = int(match.group(1), 8)
+    group = _unix_id(r, unix["group"], "unix.group", "group") if unix.get("group") is not None else None
+    rules: dict[str, frozenset[int] | None] = {}
+    kinds: tuple[tuple[str, Literal["user", "group"]], ...] = (("allow_users", "user"), ("allow_groups", "group"))
+    for key, kind in kinds:
+        raw_list = unix.get(key)
+        if raw_list is None:
+            rules[key] = None
+            continue
+        if not isinstance(raw_list, list):
+            rules[key] = frozenset({_unix_id(r, raw_list, f"unix.{key}", kind)})
+            continue
+        if not raw_list:
+            raise r.error(f"unix.{key}", "the list is empty (leave the key out to admit whoever may open the socket)")
+        rules[key] = frozenset(_unix_id(r, item, f"unix.{key}[{i}]", kind) for i, item in enumerate(raw_list))
+    return UnixSocket(mode=mode, group=group, allow_users=rules["allow_users"], allow_groups=rules["allow_groups"])
+
+
+def _unix_id(r: _Reader, value: object, key: str, kind: Literal["user", "group"]) -> int:
+    """A user or group name (looked up now: pwd/grp) or a numeric id → the numeric id."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or (isinstance(value, str) and not value.strip()):
+        raise r.error(key, f"expected a {kind} name or a numeric id, got {_kind(value)}")
+    text = value.strip() if isinstance(value, str) else ""
+    if isinstance(value, int) or (text.isascii() and text.isdigit()):
+        number = value if isinstance(value, int) else int(text) if len(text) <= 10 else -1
+        if not 0 <= number <= _MAX_ID:
+            raise r.error(key, f"{_show(value)} is not a valid {kind} id")
+        return number
+    try:
+        return pwd.getpwnam(text).pw_uid if kind == "user" else grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise r.error(key, f"no such {kind}: {_show(text)}") from None
+    except (OSError, ValueError) as exc:  # e.g. an embedded NUL, or an NSS failure
+        raise r.error(key, f"cannot look up {kind} {_show(text)}: {exc}") from None
 
 
 def _parse_limits(r: _Reader, value: object) -> Limits:

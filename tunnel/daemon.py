@@ -3,6 +3,7 @@ were configured from changes), warn about expiring certificates, drain and stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -231,6 +232,20 @@ class Daemon:
                 for bound in starting[:index]:
                     bound.close_listener()
                 return str(exc)
+        # A unix: listener that stays bound takes the new unix.group and unix.mode now (or,
+        # if one cannot be applied, every one goes back to what it was and nothing changes).
+        keeping = [(tunnel, states[name]) for name, tunnel in current.items() if name in states]
+        try:
+            for tunnel, state in keeping:
+                if state.config.listen == tunnel.state.config.listen:
+                    tunnel.set_unix_permissions(state.config.unix)
+        except OSError as exc:
+            for tunnel, _ in keeping:
+                with contextlib.suppress(OSError):
+                    tunnel.set_unix_permissions(tunnel.state.config.unix)
+            for bound in starting:
+                bound.close_listener()
+            return str(exc)
 
         # Start the new listeners first; from here to the swap below nothing yields, so
         # /healthz never sees a stopped tunnel among the serving ones.

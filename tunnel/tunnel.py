@@ -15,9 +15,12 @@ import itertools
 import logging
 import math
 import os
+import platform
 import socket
 import ssl
 import stat
+import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +29,7 @@ from typing import Any
 
 import trio
 
-from tunnel.config import Address, TunnelConfig
+from tunnel.config import Address, TunnelConfig, UnixSocket
 from tunnel.identity import Identity, decide, identity_from_der
 from tunnel.logs import event
 from tunnel.metrics import Metrics, NoMetrics
@@ -81,8 +84,13 @@ class TunnelState:
 
     def still_admits(self, conn: Connection) -> str | None:
         """Why an open connection's peer is no longer acceptable under this state, or None:
-        the chain it presented is judged as a full handshake would judge it now (path to
-        an anchor, revocation of every certificate on it, current CRLs), then the allow rules."""
+        the unix peer's credentials against unix.allow_*, then the chain it presented,
+        judged as a full handshake would judge it now (path to an anchor, revocation of
+        every certificate on it, current CRLs), then the allow rules."""
+        if conn.credentials is not None and self.config.unix.checks_peers:
+            why = unix_peer_refusal(conn.credentials, self.config.unix)
+            if why is not None:
+                return f"no longer allowed ({why})"
         if conn.identity is None or not conn.peer_chain:
             return None
         why = self.trust.refusal(conn.peer_chain, datetime.now(UTC))
@@ -143,6 +151,7 @@ class Connection:
     identity: Identity | None = None
     peer_chain: tuple[bytes, ...] = ()  # as the peer presented it, leaf first (DER)
     address: Any = None  # the peer's socket address as accept() returned it
+    credentials: PeerCredentials | None = None  # a unix: listener's peer process (SO_PEERCRED)
     stats: RelayStats = field(default_factory=RelayStats)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     closed_logged: bool = False  # its end is logged and counted (closed, or target unavailable)
@@ -182,7 +191,7 @@ class Tunnel:
         if self._listener is None:
             address = self.state.config.listen
             try:
-                self._listener = bind_listener(address, reuse_port=self._reuse_port)
+                self._listener = bind_listener(address, reuse_port=self._reuse_port, unix=self.state.config.unix)
                 self._bound = address
             except OSError as exc:
                 raise OSError(
@@ -231,6 +240,12 @@ class Tunnel:
         finally:
             self.listening = False
             _close_listener(listener, self._bound)
+
+    def set_unix_permissions(self, unix: UnixSocket) -> None:
+        """Give a bound unix: listen socket file `unix.group` and `unix.mode` again (on
+        reload; the socket stays bound). Nothing for a TCP listener. OSError if it cannot."""
+        if self._listener is not None and self._bound.path is not None and self._listener.fileno() != -1:
+            set_unix_permissions(self._bound.path, unix)
 
     def replace_state(self, state: TunnelState) -> None:
         """Use `state` for every new connection from now on (one assignment)."""
@@ -304,6 +319,14 @@ class Tunnel:
         try:
             with conn.cancel_scope:
                 self.connections[conn.id] = conn
+                if sock.family == socket.AF_UNIX:
+                    # Before anything else (no handshake, no dial): is this process allowed?
+                    conn.credentials = peer_credentials(sock)
+                    if state.config.unix.checks_peers:
+                        why = unix_peer_refusal(conn.credentials, state.config.unix)
+                        if why is not None:
+                            self._refuse(conn, PlainStream(sock), why)
+                            return
                 if state.config.mode == "server":
                     await self._serve_tls_client(state, sock, conn)
                 else:
@@ -636,15 +659,32 @@ class Tunnel:
 # -- sockets ---------------------------------------------------------------------------
 
 
-def bind_listener(address: Address, *, reuse_port: bool = False) -> socket.socket:
+def bind_listener(address: Address, *, reuse_port: bool = False, unix: UnixSocket | None = None) -> socket.socket:
     """A listening, non-blocking socket for a listen address (OSError if it cannot bind).
     With reuse_port, several worker processes each bind the same TCP port (SO_REUSEPORT)
-    and the kernel spreads new connections across them."""
+    and the kernel spreads new connections across them. A unix: socket file gets
+    `unix.group` and `unix.mode` (default: the daemon's group, 0600) before it listens."""
     if address.path is not None:
         _remove_stale_unix_socket(address.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(address.path)
+            # The socket file must never be more open than unix.mode, not even for a moment:
+            # bind(2) creates it with 0777 & ~umask (unix(7)), and fchmod on the socket does
+            # not reach the file. So bind under a umask that leaves 0600 at most, then chown
+            # to unix.group, and only then chmod to unix.mode. The umask is per process, not
+            # per thread: this is one system call on the trio thread, the only other threads
+            # (getaddrinfo workers) create no files, and it can only ever narrow a mode.
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(address.path)
+            finally:
+                os.umask(old_umask)
+            try:
+                set_unix_permissions(address.path, unix or UnixSocket())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(address.path)
+                raise
         except OSError:
             sock.close()
             raise
@@ -664,6 +704,88 @@ def bind_listener(address: Address, *, reuse_port: bool = False) -> socket.socke
     return sock
 
 
+def set_unix_permissions(path: str, unix: UnixSocket) -> None:
+    """Give the socket file the group unix.group (None: the daemon's effective group), then
+    the mode unix.mode: in that order, so the mode never opens it to the wrong group.
+    chown(2) only where the group differs: a socket bound by a daemon whose own group is
+    unix.group already has it, and the systemd unit's system call filter forbids chown.
+    OSError naming the key if either fails (chown: only root, or a member of the group)."""
+    gid = os.getegid() if unix.group is None else unix.group
+    try:
+        if os.stat(path).st_gid != gid:
+            os.chown(path, -1, gid)
+    except OSError as exc:
+        hint = (
+            " (only root or a member of the group may; under systemd/tunnel@.service, which filters"
+            " out chown, make it the service's Group= instead)"
+            if exc.errno == errno.EPERM
+            else ""
+        )
+        raise OSError(exc.errno, f"unix.group: cannot give {path} group {gid}: {exc.strerror}{hint}") from exc
+    try:
+        os.chmod(path, unix.mode)
+    except OSError as exc:
+        raise OSError(exc.errno, f"unix.mode: cannot chmod {path} to {unix.mode:04o}: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """The process at the other end of a unix socket, as the kernel recorded it at connect(2)."""
+
+    pid: int
+    uid: int
+    gid: int  # effective gid
+    groups: tuple[int, ...] | None  # supplementary gids; None where the kernel cannot say
+
+
+# SO_PEERGROUPS (Linux 4.13+, socket(7)): the peer's supplementary groups at connect(2).
+# Python does not name it. 59 is its number in asm-generic/socket.h, which these use;
+# alpha, mips, parisc and sparc number it otherwise and go without (primary gid only).
+_SO_PEERGROUPS: int | None = getattr(socket, "SO_PEERGROUPS", None)
+if _SO_PEERGROUPS is None and sys.platform == "linux":
+    machine = platform.machine()
+    if machine in {"x86_64", "aarch64", "riscv64", "s390x", "ppc64le", "ppc64", "loongarch64"} or (
+        machine.startswith(("arm", "i386", "i486", "i586", "i686"))
+    ):
+        _SO_PEERGROUPS = 59
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    """SO_PEERCRED (struct ucred: pid, uid, gid; socket(7), unix(7)) of an accepted unix
+    socket, and its SO_PEERGROUPS. At most 256 supplementary groups are read (Python's
+    getsockopt buffer limit); past that, or on an older kernel, `groups` is None."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    groups: tuple[int, ...] | None = None
+    if _SO_PEERGROUPS is not None:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
+        except OSError:  # ERANGE: more than 256 groups; ENOPROTOOPT: before Linux 4.13
+            pass
+        else:
+            groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    return PeerCredentials(pid=pid, uid=uid & 0xFFFFFFFF, gid=gid & 0xFFFFFFFF, groups=groups)
+
+
+def unix_peer_refusal(peer: PeerCredentials, unix: UnixSocket) -> str | None:
+    """Why `unix.allow_users` / `unix.allow_groups` refuse this peer process, or None if
+    one of them admits it (any one match admits). A group matches the peer's effective gid
+    or one of its supplementary groups: the process's own credentials, as the kernel checks
+    file permissions, not the user database."""
+    if unix.allow_users is not None and peer.uid in unix.allow_users:
+        return None
+    if unix.allow_groups is not None and (
+        peer.gid in unix.allow_groups or not unix.allow_groups.isdisjoint(peer.groups or ())
+    ):
+        return None
+    if unix.allow_users is None:
+        where = "is not in unix.allow_groups"
+    elif unix.allow_groups is None:
+        where = "is not in unix.allow_users"
+    else:
+        where = "is in neither unix.allow_users nor unix.allow_groups"
+    return f"unix peer not allowed: uid {peer.uid} gid {peer.gid} pid {peer.pid} {where}"
+
+
 def _remove_stale_unix_socket(path: str) -> None:
     try:
         mode = os.stat(path).st_mode
@@ -672,10 +794,15 @@ def _remove_stale_unix_socket(path: str) -> None:
     if not stat.S_ISSOCK(mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a full accept queue: EAGAIN now, not a wait for room
     try:
         probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody answers: left over from a previous run
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: left over from a previous run
+    except OSError as exc:
+        # EACCES (a mode that shuts us out), EAGAIN (a full accept queue): someone may be
+        # listening. Never unlink a socket that might be alive.
+        raise OSError(exc.errno, f"{path} exists and may be in use: {exc.strerror}") from exc
     else:
         raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
     finally:

@@ -55,6 +55,14 @@ def _broken(p: PKI, tmp: Path, change: str) -> dict[str, Any]:
         del doc["allow"]
     elif change == "bad-duration":
         doc["limits"]["idle_timeout"] = "forever"
+    elif change == "unix-on-tcp-listen":
+        doc["unix"] = {"mode": "0660", "group": "root"}
+    elif change == "unix-bad-mode":
+        doc["listen"] = f"unix:{tmp}/s.sock"
+        doc["unix"] = {"mode": "0999"}
+    elif change == "unix-unknown-user":
+        doc["listen"] = f"unix:{tmp}/s.sock"
+        doc["unix"] = {"allow_users": ["no-such-user-x"]}
     return doc
 
 
@@ -68,6 +76,9 @@ def _broken(p: PKI, tmp: Path, change: str) -> dict[str, Any]:
         ("other-ca", "tls.cert: "),
         ("no-allow", "allow: required in server mode"),
         ("bad-duration", "limits.idle_timeout: expected a duration"),
+        ("unix-on-tcp-listen", "unix: only for a unix: listen address (listen is 127.0.0.1:0)"),
+        ("unix-bad-mode", 'unix.mode: expected an octal mode from "0000" to "0777"'),
+        ("unix-unknown-user", "unix.allow_users[0]: no such user: 'no-such-user-x'"),
     ],
 )
 def test_check_names_file_key_and_problem(pki_files: PKI, tmp_path: Path, change: str, expected: str) -> None:

@@ -19,11 +19,13 @@ from tunnel.config import (
     LIMIT_KEYS,
     TLS_KEYS,
     TOP_KEYS,
+    UNIX_KEYS,
     Address,
     ConfigError,
     Limits,
     TLSConfig,
     TunnelConfig,
+    UnixSocket,
     find_files,
     load_file,
     load_paths,
@@ -244,6 +246,57 @@ VALID: list[tuple[str, str, str, Callable[[Path], TunnelConfig]]] = [
             limits=Limits(idle_timeout=None, max_connections=1),
         ),
     ),
+    (
+        "client-unix-listen-permissions-and-peers",
+        "app.yaml",
+        """
+        mode: client
+        listen: unix:app.sock
+        target: db:8443
+        tls: {cert: pki/cert.pem, key: pki/key.pem, ca: pki/ca.pem}
+        unix:
+          mode: "0660"
+          group: root
+          allow_users: [root, 65534, "1000"]
+          allow_groups: 0
+        """,
+        lambda p: TunnelConfig(
+            name="app",
+            mode="client",
+            listen=Address(path=str(p.parent / "app.sock")),
+            targets=(Address("db", 8443),),
+            tls=tls_files(p.parent / "pki"),
+            source=p,
+            unix=UnixSocket(
+                mode=0o660,
+                group=0,
+                allow_users=frozenset({0, 65534, 1000}),
+                allow_groups=frozenset({0}),
+            ),
+        ),
+    ),
+    (
+        "server-unix-listen-defaults",
+        "s.yaml",
+        """
+        mode: server
+        listen: unix:/run/tunnel/s.sock
+        target: db:5432
+        tls: {cert: pki/cert.pem, key: pki/key.pem, ca: pki/ca.pem}
+        allow: {any: true}
+        unix: {mode: "600", allow_groups: ["0"]}
+        """,
+        lambda p: TunnelConfig(
+            name="s",
+            mode="server",
+            listen=Address(path="/run/tunnel/s.sock"),
+            targets=(Address("db", 5432),),
+            tls=tls_files(p.parent / "pki"),
+            source=p,
+            allow=AllowRule(any=True),
+            unix=UnixSocket(mode=0o600, allow_groups=frozenset({0})),
+        ),
+    ),
 ]
 
 
@@ -455,6 +508,12 @@ def _with(doc: dict[str, Any], path: str, value: object) -> dict[str, Any]:
 
 S = server_doc()
 C = client_doc()
+U = client_doc(listen="unix:/run/tunnel/app.sock")  # a client tunnel on a unix socket
+
+
+def unix_text(fragment: str) -> str:
+    """Raw YAML for the unix-listen client document U, with `fragment` appended."""
+    return yaml.safe_dump(U) + fragment
 
 
 def server_text(fragment: str) -> str:
@@ -584,6 +643,38 @@ BAD: list[tuple[str, object, str, str]] = [
     ("max-connections-string", {**S, "limits": {"max_connections": "10"}}, "limits.max_connections", "whole number"),
     ("max-connections-bool", {**S, "limits": {"max_connections": True}}, "limits.max_connections", "whole number"),
     ("max-connections-float", {**S, "limits": {"max_connections": 10.0}}, "limits.max_connections", "whole number"),
+    # unix
+    ("unix-on-a-tcp-listen", {**S, "unix": {"mode": "0660"}}, "unix", "only for a unix: listen address"),
+    ("unix-empty-on-a-tcp-listen", {**C, "unix": {}}, "unix", "only for a unix: listen address"),
+    ("unix-not-a-mapping", {**U, "unix": "0660"}, "unix", "expected a mapping, got a string"),
+    ("unix-unknown-key", {**U, "unix": {"owner": "app"}}, "unix.owner", "unknown key"),
+    ("unix-mode-not-octal", {**U, "unix": {"mode": "0999"}}, "unix.mode", 'expected an octal mode from "0000"'),
+    ("unix-mode-letters", {**U, "unix": {"mode": "abc"}}, "unix.mode", "not 'abc'"),
+    ("unix-mode-setuid", {**U, "unix": {"mode": "4755"}}, "unix.mode", "expected an octal mode"),
+    ("unix-mode-too-long", {**U, "unix": {"mode": "00660"}}, "unix.mode", "expected an octal mode"),
+    ("unix-mode-symbolic", {**U, "unix": {"mode": "u+rw"}}, "unix.mode", "expected an octal mode"),
+    ("unix-mode-unquoted", unix_text("unix: {mode: 660}\n"), "unix.mode", 'quoted string, e.g. "0660", not 660'),
+    ("unix-mode-yaml-octal", unix_text("unix: {mode: 0660}\n"), "unix.mode", 'quoted string, e.g. "0660", not 432'),
+    ("unix-mode-bool", {**U, "unix": {"mode": True}}, "unix.mode", "expected an octal mode"),
+    ("unix-mode-list", {**U, "unix": {"mode": ["0660"]}}, "unix.mode", "expected an octal mode"),
+    ("unix-group-unknown", {**U, "unix": {"group": "no-such-group-x"}}, "unix.group", "no such group"),
+    ("unix-group-list", {**U, "unix": {"group": ["app"]}}, "unix.group", "a group name or a numeric id, got a list"),
+    ("unix-group-negative", {**U, "unix": {"group": -1}}, "unix.group", "-1 is not a valid group id"),
+    ("unix-group-too-big", {**U, "unix": {"group": 2**32 - 1}}, "unix.group", "not a valid group id"),
+    ("unix-group-nul", {**U, "unix": {"group": "a\x00b"}}, "unix.group", "cannot look up group"),
+    ("unix-allow-users-empty", {**U, "unix": {"allow_users": []}}, "unix.allow_users", "the list is empty"),
+    (
+        "unix-allow-users-unknown",
+        {**U, "unix": {"allow_users": ["root", "no-such-user-x"]}},
+        "unix.allow_users[1]",
+        "no such user: 'no-such-user-x'",
+    ),
+    ("unix-allow-users-one-unknown", {**U, "unix": {"allow_users": "nope-x"}}, "unix.allow_users", "no such user"),
+    ("unix-allow-users-mapping", {**U, "unix": {"allow_users": {"a": 1}}}, "unix.allow_users", "got a mapping"),
+    ("unix-allow-users-float", {**U, "unix": {"allow_users": [1.5]}}, "unix.allow_users[0]", "got a float"),
+    ("unix-allow-users-huge", {**U, "unix": {"allow_users": ["9" * 40]}}, "unix.allow_users[0]", "not a valid user"),
+    ("unix-allow-groups-unknown", {**U, "unix": {"allow_groups": ["nope-x"]}}, "unix.allow_groups[0]", "no such"),
+    ("unix-allow-groups-bool", {**U, "unix": {"allow_groups": [True]}}, "unix.allow_groups[0]", "got a boolean"),
 ]
 
 
@@ -614,6 +705,7 @@ def test_error_table_bases_are_valid(tmp_path: Path) -> None:
     text = server_text(f"tls: {{{TLS_TEXT}, min_version: 1.3}}\nlimits: {{idle_timeout: .5}}\n")
     config = load_file(write_yaml(tmp_path / "f.yaml", text))
     assert (config.tls.min_version, config.limits.idle_timeout) == ("1.3", 0.5)
+    assert load_file(write_yaml(tmp_path / "u.yaml", unix_text("unix: {mode: '0660'}\n"))).unix.mode == 0o660
 
 
 def _shared_tree(width: int, depth: int) -> list[Any]:
@@ -770,7 +862,7 @@ def test_find_files_takes_a_named_file_whatever_its_suffix(tmp_path: Path) -> No
 
 # --------------------------------------------------------------------------- properties
 
-KNOWN_KEYS = sorted(TOP_KEYS | TLS_KEYS | ALLOW_KEYS | LIMIT_KEYS)
+KNOWN_KEYS = sorted(TOP_KEYS | TLS_KEYS | ALLOW_KEYS | LIMIT_KEYS | UNIX_KEYS)
 
 SCALARS = st.one_of(
     st.none(),
@@ -811,6 +903,10 @@ FULL_SERVER = server_doc(
     },
 )
 FULL_CLIENT = client_doc(tls={"cert": "cert.pem", "key": "key.pem", "ca": "ca.pem", "server_name": "db"})
+FULL_UNIX = client_doc(
+    listen="unix:/run/tunnel/app.sock",
+    unix={"mode": "0660", "group": "root", "allow_users": ["root", 65534], "allow_groups": [0]},
+)
 
 
 def _nodes(node: object) -> Iterator[tuple[dict[Any, Any] | list[Any], Any]]:
@@ -838,7 +934,7 @@ def _mappings(node: object) -> Iterator[dict[Any, Any]]:
 @st.composite
 def mutated_documents(draw: st.DrawFn) -> object:
     """A valid document with one to four keys dropped, values replaced, or keys added."""
-    doc: object = copy.deepcopy(draw(st.sampled_from([FULL_SERVER, FULL_CLIENT, S, C])))
+    doc: object = copy.deepcopy(draw(st.sampled_from([FULL_SERVER, FULL_CLIENT, FULL_UNIX, S, C, U])))
     for _ in range(draw(st.integers(min_value=1, max_value=4))):
         operation = draw(st.sampled_from(["drop", "replace", "add"]))
         nodes = list(_nodes(doc))
@@ -854,13 +950,19 @@ def mutated_documents(draw: st.DrawFn) -> object:
     return doc
 
 
-SECTIONS = {"": sorted(TOP_KEYS), "tls": sorted(TLS_KEYS), "allow": sorted(ALLOW_KEYS), "limits": sorted(LIMIT_KEYS)}
+SECTIONS = {
+    "": sorted(TOP_KEYS),
+    "tls": sorted(TLS_KEYS),
+    "allow": sorted(ALLOW_KEYS),
+    "limits": sorted(LIMIT_KEYS),
+    "unix": sorted(UNIX_KEYS),
+}
 
 
 @st.composite
 def section_documents(draw: st.DrawFn) -> object:
     """A valid document with one to three known keys of one section set to random data."""
-    doc = copy.deepcopy(draw(st.sampled_from([FULL_SERVER, FULL_CLIENT])))
+    doc = copy.deepcopy(draw(st.sampled_from([FULL_SERVER, FULL_CLIENT, FULL_UNIX])))
     section = draw(st.sampled_from(sorted(SECTIONS)))
     target = doc if not section else doc.setdefault(section, {})
     for key in draw(st.lists(st.sampled_from(SECTIONS[section]), min_size=1, max_size=3, unique=True)):
@@ -893,6 +995,8 @@ def _check_outcome(outcome: Callable[[], TunnelConfig], path: Path) -> None:
         assert seconds > 0
     assert limits.idle_timeout is None or (math.isfinite(limits.idle_timeout) and limits.idle_timeout > 0)
     assert limits.max_connections >= 1
+    assert 0 <= config.unix.mode <= 0o777
+    assert config.listen.is_unix or config.unix == UnixSocket()
 
 
 FUZZ = settings(
