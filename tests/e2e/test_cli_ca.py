@@ -168,3 +168,33 @@ def test_crl_refresh_keeps_revocations_and_moves_next_update(ca: Path) -> None:
     assert after.next_update_utc >= before.next_update_utc
     number = after.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     assert number == before.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+
+
+def test_the_readme_intermediate_ca_walkthrough(tmp_path: Path) -> None:
+    """README, "Intermediate CAs and the PKI you already have": the commands as written,
+    then `tunnel check` of a server tunnel that uses what they wrote; then the intermediate
+    revoked at the root, which `ca list` there shows."""
+    steps = [
+        ["ca", "init", "--dir", "root", "--name", "Example root CA"],
+        ["ca", "init", "--dir", "issuing", "--parent", "root", "--name", "Example issuing CA"],
+        ["ca", "issue", "--dir", "issuing", "redis", "--server", "--dns", "redis.internal"],
+        ["ca", "issue", "--dir", "issuing", "app1", "--client"],
+    ]
+    for step in steps:
+        result = tunnel(*step, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    shown = tunnel("ca", "show", "issuing/redis.crt", cwd=tmp_path)
+    assert "Certificate 1 of 2 (leaf)" in shown.stdout
+    assert "CN=Example issuing CA" in shown.stdout
+    assert "Certificate 2 of 2" in shown.stdout
+    (tmp_path / "redis.yaml").write_text(
+        "mode: server\nlisten: 127.0.0.1:0\ntarget: 127.0.0.1:6379\n"
+        "tls: {cert: issuing/redis.crt, key: issuing/redis.key, ca: issuing/root.crt,"
+        " crl: [root/crl.pem, issuing/crl.pem]}\nallow: {cn: [app1]}\n"
+    )
+    checked = tunnel("check", "redis.yaml", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert tunnel("ca", "revoke", "--dir", "root", "issuing", cwd=tmp_path).returncode == 0
+    listed = tunnel("ca", "list", "--dir", "root", cwd=tmp_path).stdout
+    assert "issuing" in listed
+    assert "revoked" in listed
