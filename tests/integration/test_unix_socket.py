@@ -21,7 +21,17 @@ from typing import Any
 import pytest
 import trio
 
-from tests.helpers import PKI, Backend, backend, client_doc, echo, running_tunnel, server_doc, write_yaml
+from tests.helpers import (
+    PKI,
+    Backend,
+    backend,
+    client_doc,
+    echo,
+    read_until_closed,
+    running_tunnel,
+    server_doc,
+    write_yaml,
+)
 from tunnel.config import Address, UnixSocket, load_paths
 from tunnel.daemon import Daemon, build_states
 from tunnel.metrics import PrometheusMetrics
@@ -116,14 +126,8 @@ async def ping(path: Path) -> bytes:
     async with await trio.open_unix_socket(str(path)) as stream:
         await stream.send_all(b"ping")
         await stream.send_eof()
-        chunks = []
         with trio.fail_after(10):
-            try:
-                async for data in stream:
-                    chunks.append(data)
-            except trio.BrokenResourceError:
-                pass
-        return b"".join(chunks)
+            return await read_until_closed(stream)
 
 
 def mode_and_gid(path: Path) -> tuple[int, int]:
