@@ -219,8 +219,14 @@ class TLSStream(_SocketIO):
 
     # -- handshake -----------------------------------------------------------------
 
-    async def do_handshake(self) -> None:
-        """Complete the handshake. ssl.SSLError on failure (after sending OpenSSL's alert)."""
+    async def do_handshake(self, *, hold_last_flight: bool = False) -> None:
+        """Complete the handshake. ssl.SSLError on failure (after sending OpenSSL's alert).
+
+        With hold_last_flight, what OpenSSL wrote in its last step stays unsent until
+        `send_held`: for a server, its TLS 1.3 session tickets (or its TLS 1.2 Finished).
+        A server that judges the peer after the handshake (allow rules, a resumed session's
+        lapsed verdict) can so refuse before the client has seen anything that looks like
+        acceptance: a TLS 1.3 client takes the first ticket as the server's yes."""
         while True:
             try:
                 self.ssl.do_handshake()
@@ -232,8 +238,14 @@ class TLSStream(_SocketIO):
             except ssl.SSLError:
                 await self._flush_alert()
                 raise
-            await self._flush()
+            if not hold_last_flight:
+                await self._flush()
             return
+
+    async def send_held(self) -> None:
+        """Send what `do_handshake(hold_last_flight=True)` held back (StreamBroken if the
+        peer has gone)."""
+        await self._flush()
 
     async def _flush_alert(self) -> None:
         """Best effort: deliver the alert OpenSSL queued for a failed handshake."""

@@ -357,7 +357,9 @@ class Tunnel:
         try:
             # A bare cancel scope: trio.fail_after costs two context managers per connection.
             with trio.CancelScope(deadline=started + config.limits.handshake_timeout) as deadline:
-                await client.do_handshake()
+                # Held: the tickets (TLS 1.3) or Finished (TLS 1.2) go out only once the
+                # peer is admitted below, so a refused client never sees an acceptance.
+                await client.do_handshake(hold_last_flight=True)
             if deadline.cancelled_caught:
                 self._refuse(conn, client, "handshake timeout")
                 return
@@ -393,6 +395,11 @@ class Tunnel:
             if why is not None:
                 self._refuse(conn, client, why, conn.identity)
                 return
+        try:
+            await client.send_held()
+        except StreamBroken as exc:
+            self._refuse(conn, client, f"during handshake: {exc}", conn.identity)
+            return
         dialled = await self._dial(config, conn, client)
         if dialled is None:
             return

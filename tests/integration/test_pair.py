@@ -312,6 +312,32 @@ async def test_a_client_tunnel_refused_by_a_server_tunnel_under_tls_1_3_logs_and
     assert target.accepted == 0
 
 
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+async def test_a_client_tunnel_refused_by_a_server_tunnels_allow_rules_is_refused_not_opened(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture, version: str
+) -> None:
+    """A certificate the server tunnel's CA signed but its allow rules refuse: the server
+    decides after the handshake, and used to have sent its TLS 1.3 session ticket (a
+    client's sign of acceptance) or TLS 1.2 Finished already, so the client tunnel logged
+    opened, then closed. The server now holds them back until it has decided."""
+    caplog.set_level(logging.INFO, logger="tunnel")
+    async with backend(echo) as target:
+        doc = server_doc(pki_files, target.address)
+        doc["tls"]["min_version"] = version
+        async with running_tunnel(write_yaml(tmp_path / "server.yaml", doc)) as (_, server_address):
+            client = client_doc(pki_files, server_address, name="stranger")
+            async with client_tunnel(client, tmp_path) as (address, metrics):
+                async with await tcp_connect(address) as app:
+                    with trio.fail_after(5):
+                        assert await read_until_closed(app) == b""
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("refused: not allowed") and "tunnel=server" in m for m in messages), messages
+    assert any(m.startswith("refused:") and "tunnel=client" in m for m in messages), messages
+    assert not any(m.startswith("opened tunnel=client") for m in messages), messages
+    assert counted(metrics, "tunnel_connections_opened_total") == 0
+    assert target.accepted == 0
+
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
 async def test_a_client_tunnel_refused_by_a_tls_server_logs_the_servers_alert(
     pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture, version: ssl.TLSVersion
