@@ -25,7 +25,7 @@ ENV PATH="/opt/tunnel/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # A fixed UID/GID (10001) so that mounted private keys can be made readable to it:
-# chgrp 10001 certs/*.key && chmod 0640 certs/*.key
+# chgrp 10001 certs certs/*.key && chmod 0750 certs && chmod 0640 certs/*.key
 RUN groupadd --system --gid 10001 tunnel \
     && useradd --system --no-log-init --uid 10001 --gid tunnel \
         --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin tunnel \

@@ -166,7 +166,10 @@ certs="$work/etc/certs"
 "$tunnel" ca issue --dir "$certs" mariadb --server --dns localhost --ip 127.0.0.1 >/dev/null
 "$tunnel" ca issue --dir "$certs" app1 --client >/dev/null
 rm "$certs/ca.key"               # as on a server: the CA key stays elsewhere
-chmod 0644 "$certs"/*.key        # stands for the unit's tunnel-certs group: nobody reads them
+# The unit's tunnel-certs group, played by nogroup: nobody reads the keys through it (a key
+# every user can read is refused), and enters certs/, which tunnel ca init made 0700.
+chgrp 65534 "$certs" "$certs"/*.key && chmod 0750 "$certs" && chmod 0640 "$certs"/*.key
+chmod 0755 "$work/etc"           # made 0700 by tunnel ca init too (a parent it created)
 listen_port=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cat >"$work/etc/sample.yaml" <<EOF
 mode: server

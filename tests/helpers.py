@@ -132,6 +132,7 @@ def issue_dated(
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
+    key_path.chmod(0o600)
     return crt_path, key_path
 
 
@@ -211,6 +212,7 @@ def make_sub_ca(parent: Path, directory: Path, name: str, *, path_length: int | 
     (directory / "ca.key").write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
+    (directory / "ca.key").chmod(0o600)
     above = (parent / "chain.pem").read_bytes() if (parent / "chain.pem").exists() else b""
     (directory / "chain.pem").write_bytes(pem + above)
     return directory
@@ -218,6 +220,7 @@ def make_sub_ca(parent: Path, directory: Path, name: str, *, path_length: int | 
 
 def write_yaml(path: Path, document: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(document, sort_keys=False))
+    path.chmod(0o644)  # whatever the umask: a tunnel file others may write is refused
     return path
 
 

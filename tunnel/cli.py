@@ -11,7 +11,7 @@ import click
 
 from tunnel import __version__, pki
 from tunnel.config import Address, ConfigError, load_paths, parse_address
-from tunnel.passwords import read_password_file, readable_by_others
+from tunnel.passwords import read_password_file
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -214,13 +214,6 @@ def check(paths: tuple[Path, ...]) -> None:
         config = state.config
         for warning in state.warnings:
             click.echo(f"warning: {warning}", err=True)
-        password_file = config.tls.key_password_file
-        if password_file is not None and readable_by_others(password_file):
-            click.echo(
-                f"warning: {config.source}: tls.key_password_file: {password_file} is readable by every user "
-                "(chmod o-r it)",
-                err=True,
-            )
         click.echo(f"ok: {config.source} ({config.name}: {config.mode}, listen {config.listen})")
 
 

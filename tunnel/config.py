@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tunnel.file_safety import UnsafeFile, check_file
 from tunnel.identity import AllowRule, normalize_fingerprint
 
 Mode = Literal["server", "client"]
@@ -226,7 +227,10 @@ class _Reader:
             raise self.error(key, f"expected a list of strings, got {_kind(value)}")
         return frozenset(self.string(item, f"{key}[{i}]") for i, item in enumerate(value))
 
-    def file_path(self, value: object, key: str) -> Path:
+    def file_path(self, value: object, key: str, *, secret: bool = False) -> Path:
+        """A file the tunnel trusts: it must exist, be readable, and be safe from others
+        (file_safety: no one but its owner may change it or a directory above it; with
+        `secret`, not readable by every user either)."""
         path = self.base / Path(os.path.expanduser(self.string(value, key)))
         try:
             exists, is_file = path.exists(), path.is_file()
@@ -238,6 +242,12 @@ class _Reader:
             raise self.error(key, f"not a regular file: {path}")
         if not os.access(path, os.R_OK):
             raise self.error(key, f"file not readable: {path}")
+        try:
+            check_file(path, secret=secret)
+        except UnsafeFile as exc:
+            raise self.error(key, str(exc)) from None
+        except OSError as exc:
+            raise self.error(key, f"cannot use {path}: {exc.strerror or exc}") from None
         return path
 
     def address(self, value: object, key: str) -> Address:
@@ -285,8 +295,11 @@ def load_file(path: Path) -> TunnelConfig:
     """Read and validate one tunnel file."""
     try:
         text = path.read_text(encoding="utf-8")
+        check_file(path.absolute())  # it names the CA: as safe from others as the CA file
     except FileNotFoundError:
         raise ConfigError(path, "", "file not found") from None
+    except UnsafeFile as exc:
+        raise ConfigError(path, "", str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, "", f"cannot read: {exc}") from None
     try:
@@ -402,7 +415,9 @@ def _parse_tls(r: _Reader, value: object, mode: str, targets: tuple[Address, ...
             raise r.error(f"tls.{key}", "required")
     crl = _parse_crl(r, tls.get("crl"))
     password_file = tls.get("key_password_file")
-    key_password_file = r.file_path(password_file, "tls.key_password_file") if password_file is not None else None
+    key_password_file = (
+        r.file_path(password_file, "tls.key_password_file", secret=True) if password_file is not None else None
+    )
     raw_min_version = tls.get("min_version", "1.2")
     # str() only what can be "1.2"/"1.3": a string, or the float of an unquoted 1.2
     min_version = str(raw_min_version) if isinstance(raw_min_version, str | float) else ""
@@ -418,7 +433,7 @@ def _parse_tls(r: _Reader, value: object, mode: str, targets: tuple[Address, ...
         raise r.error("tls.server_name", "required when a target is a unix socket")
     return TLSConfig(
         cert=r.file_path(tls["cert"], "tls.cert"),
-        key=r.file_path(tls["key"], "tls.key"),
+        key=r.file_path(tls["key"], "tls.key", secret=True),
         ca=r.file_path(tls["ca"], "tls.ca"),
         crl=crl,
         server_name=server_name,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 
@@ -19,12 +17,3 @@ def read_password_file(path: Path) -> bytes:
     if not data:
         raise ValueError(f"{path} is empty: it must hold the key's password")
     return data
-
-
-def readable_by_others(path: Path) -> bool:
-    """Whether *path*'s mode lets users other than its owner and group read it (a password
-    file should be 0600 or 0640). False when it cannot be stat'ed."""
-    try:
-        return bool(os.stat(path).st_mode & stat.S_IROTH)
-    except OSError:
-        return False

@@ -160,8 +160,16 @@ def _check_may_sign_a_ca(directory: Path, ca_cert: x509.Certificate) -> None:
 
 
 def _make_private_dir(directory: Path) -> None:
+    """Create *directory* and any missing parents 0700 whatever the umask: a CA directory
+    others could write would let them swap the CA certificate tunnels trust. Directories
+    that exist already are left as they are."""
+    missing = [d for d in [directory, *directory.parents] if not d.exists()]
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        for path in reversed(missing):
+            path.mkdir(mode=0o700)
+            path.chmod(0o700)  # mkdir's mode is cut by the umask, never widened: say it outright
+    except FileExistsError:
+        pass
     except OSError as exc:
         raise PKIError(f"cannot create CA directory {directory}: {exc.strerror}") from exc
 

@@ -198,3 +198,20 @@ def test_the_readme_intermediate_ca_walkthrough(tmp_path: Path) -> None:
     listed = tunnel("ca", "list", "--dir", "root", cwd=tmp_path).stdout
     assert "issuing" in listed
     assert "revoked" in listed
+
+
+def test_ca_init_makes_its_directories_0700_even_under_umask_000(tmp_path: Path) -> None:
+    """Under umask 000 they used to be 0777: anyone could then swap ca.crt."""
+    result = subprocess.run(
+        ["sh", "-c", f"umask 000 && exec {sys.executable} -m tunnel.cli ca init --dir a/b/ca"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for directory in ("a", "a/b", "a/b/ca"):
+        assert (tmp_path / directory).stat().st_mode & 0o777 == 0o700, directory
+    assert (tmp_path / "a/b/ca/ca.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "a/b/ca/ca.crt").stat().st_mode & 0o022 == 0

@@ -151,14 +151,14 @@ def test_an_empty_key_password_file_is_an_error(own_pki: PKI, tmp_path: Path, co
     assert f"error: {path}: tls.key_password_file: {secret} is empty" in output
 
 
-def test_check_warns_about_a_key_password_file_every_user_can_read(own_pki: PKI, tmp_path: Path) -> None:
+def test_a_key_password_file_every_user_can_read_is_refused(own_pki: PKI, tmp_path: Path) -> None:
     encrypt_key(own_pki.key("server"), b"s3cret")
     secret = password_file(tmp_path, "s3cret\n")
     secret.chmod(0o644)
     path = server_file(own_pki, tmp_path, "127.0.0.1:6379", password_file=secret)
     result = subprocess.run([*TUNNEL, "check", str(path)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert f"warning: {path}: tls.key_password_file: {secret} is readable by every user" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert f"error: {path}: tls.key_password_file: {secret} is readable by every user (mode 0644)" in result.stderr
 
 
 # -- tunnel ca issue --key-password-file -------------------------------------------------

@@ -346,3 +346,38 @@ def test_a_failed_reload_is_retried_until_a_skewed_certificate_becomes_valid(
         ["curl", "-s", f"http://127.0.0.1:{status_port}/metrics"], capture_output=True, text=True, timeout=10
     ).stdout
     assert 'tunnel_reloads_total{result="failure"}' in metrics
+
+
+def test_a_ca_file_others_could_replace_is_refused_at_check_and_on_reload(
+    own_pki: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
+) -> None:
+    """The attack: the CA directory was left writable (umask 000), a local user swapped
+    ca.crt for "their CA + the real one", and the daemon reloaded and admitted them. Now
+    the file and its mode are named, and the old state keeps serving."""
+    port = free_port()
+    path = server_file(own_pki, tmp_path, target, port)
+    daemon = start(tmp_path, daemons, path)
+    attacker = tmp_path / "attacker"
+    pki.init_ca(attacker, name="test CA")
+    pki.issue(attacker, "app1", kind="client")
+    own_pki.dir.chmod(0o777)
+    bundle = own_pki.ca.read_bytes()
+    write_atomically(own_pki.ca, (attacker / "ca.crt").read_text() + bundle.decode())
+
+    log = daemon.wait_for("reload failed")
+    assert f"is in {own_pki.dir}, which is writable by every user (mode 0777)" in log
+    checked = subprocess.run([*TUNNEL, "check", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    assert checked.returncode == 2
+    assert "which is writable by every user (mode 0777)" in checked.stderr
+    ctx = ssl.create_default_context(cafile=str(own_pki.ca))
+    ctx.load_cert_chain(attacker / "app1.crt", attacker / "app1.key")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert echo_once(tls, b"let me in") == b""
+        except (OSError, ssl.SSLError):
+            pass
+    assert target.accepted == 0
+    with tls_client(own_pki, port, "app1") as client:
+        assert echo_once(client, b"still the old state") == b"still the old state"
+    own_pki.dir.chmod(0o700)

@@ -45,6 +45,7 @@ def make_pki_files(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for name in PKI_FILES:
         (directory / name).write_text(f"dummy {name}\n")
+    (directory / "key.pem").chmod(0o600)  # a key every user can read is refused
     return directory
 
 
@@ -337,6 +338,7 @@ def test_key_password_file_is_relative_to_the_yaml_file_and_watched(tmp_path: Pa
     conf_dir = make_pki_files(tmp_path / "conf")
     (conf_dir / "secrets").mkdir()
     (conf_dir / "secrets" / "key.pass").write_text("s3cret\n")
+    (conf_dir / "secrets" / "key.pass").chmod(0o600)
     tls = {"cert": "cert.pem", "key": "key.pem", "ca": "ca.pem", "key_password_file": "secrets/key.pass"}
     config = load_file(write_yaml(conf_dir / "t.yaml", server_doc(tls=tls)))
     assert config.tls == tls_files(conf_dir, key_password_file=conf_dir / "secrets" / "key.pass")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnel.passwords import read_password_file, readable_by_others
+from tunnel.passwords import read_password_file
 
 
 @pytest.mark.parametrize(
@@ -37,11 +37,3 @@ def test_an_empty_password_file_is_refused(tmp_path: Path, content: bytes) -> No
 def test_a_missing_password_file_is_an_os_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_password_file(tmp_path / "nope")
-
-
-@pytest.mark.parametrize(("mode", "expected"), [(0o600, False), (0o640, False), (0o644, True), (0o604, True)])
-def test_readable_by_others(tmp_path: Path, mode: int, expected: bool) -> None:
-    path = tmp_path / "key.pass"
-    path.write_text("x")
-    path.chmod(mode)
-    assert readable_by_others(path) is expected
