@@ -16,6 +16,7 @@ from tunnel.passwords import read_password_file
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # bad usage or bad configuration
+DEFAULT_STATUS = "127.0.0.1:9100"
 
 # User-facing error types reported as "error: <message>" with EXIT_USAGE.
 # Add new ones here (e.g. a config error) rather than catching them in each command.
@@ -35,8 +36,32 @@ def _exit_codes() -> Iterator[None]:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_USAGE) from None
     except OSError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {_describe(exc)}", err=True)
         raise SystemExit(EXIT_FAILURE) from None
+    except BaseExceptionGroup as group:  # from a trio nursery: report the cause, not the tree
+        usage = group.subgroup(USAGE_ERRORS)
+        cause = _first_leaf(usage) or _first_leaf(group.subgroup(OSError))
+        if cause is None:
+            raise
+        click.echo(f"error: {_describe(cause)}", err=True)
+        raise SystemExit(EXIT_USAGE if usage is not None else EXIT_FAILURE) from None
+
+
+def _describe(exc: BaseException) -> str:
+    """An error for the user: an OSError we worded ourselves without its "[Errno N]"."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
+        return exc.strerror
+    return str(exc)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException] | None) -> BaseException | None:
+    """The first exception a group holds, however deeply nested; None for no group."""
+    while group is not None:
+        first = group.exceptions[0]
+        if not isinstance(first, BaseExceptionGroup):
+            return first
+        group = first
+    return None
 
 
 class _Group(click.Group):
@@ -59,18 +84,62 @@ _days = click.IntRange(min=1)
 _key_types = click.Choice(pki.KEY_TYPES)
 
 
-@click.group(cls=_Group)
-@click.version_option(__version__, prog_name="tunnel")
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """--version: ours, and what a bug report needs besides (Python, OpenSSL, trio, cryptography)."""
+    if not value or ctx.resilient_parsing:
+        return
+    import platform
+    import ssl
+
+    import cryptography
+    import trio
+
+    click.echo(f"tunnel {__version__}")
+    click.echo(f"Python {platform.python_version()} ({platform.python_implementation()}, {platform.platform()})")
+    click.echo(ssl.OPENSSL_VERSION)
+    click.echo(f"trio {trio.__version__}")
+    click.echo(f"cryptography {cryptography.__version__}")
+    ctx.exit()
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version, with Python's, OpenSSL's, trio's and cryptography's, and exit.",
+)
 def main() -> None:
-    """Mutual-TLS tunnel daemon with its own private CA."""
+    """Mutual-TLS tunnel daemon with its own private CA.
+
+    \b
+    Start with:
+      tunnel ca init --dir certs            # a private CA
+      tunnel ca issue --dir certs redis --server --dns redis.internal
+      tunnel ca issue --dir certs app1 --client
+      tunnel check /etc/tunnel/             # validate the tunnel files
+      tunnel run /etc/tunnel/               # serve them (SIGHUP reloads)
+      tunnel status                         # who is connected
+
+    Shell completion (bash): eval "$(_TUNNEL_COMPLETE=bash_source tunnel)"
+    """
 
 
-@main.group()
+@main.group(short_help="The private CA: init, issue, revoke, crl, list, show.")
 def ca() -> None:
-    """Manage the private CA: init, issue, revoke, list, show."""
+    """Manage the private CA: init, issue, revoke, crl, list, show.
+
+    \b
+    Example:
+      tunnel ca init --dir certs
+      tunnel ca issue --dir certs app1 --client
+      tunnel ca revoke --dir certs app1
+    """
 
 
-@ca.command("init")
+@ca.command("init", short_help="Create a root CA, or an intermediate with --parent.")
 @_dir_option
 @click.option("--name", default="tunnel private CA", show_default=True, help="CA common name.")
 @click.option(
@@ -102,11 +171,11 @@ def ca_init(directory: Path, name: str, days: int | None, key_type: str, force: 
         click.echo(f"wrote {parent / (directory.resolve().name + '.crt')} (revoke the intermediate there)")
 
 
-@ca.command("issue")
+@ca.command("issue", short_help="Issue a server or client certificate.")
 @_dir_option
 @click.argument("name")
-@click.option("--server", is_flag=True, help="Issue a server certificate (serverAuth).")
-@click.option("--client", is_flag=True, help="Issue a client certificate (clientAuth).")
+@click.option("--server", is_flag=True, help="Issue a server certificate (serverAuth). This or --client is required.")
+@click.option("--client", is_flag=True, help="Issue a client certificate (clientAuth). This or --server is required.")
 @click.option("--dns", multiple=True, metavar="NAME", help="DNS subjectAltName (repeatable).")
 @click.option("--ip", multiple=True, metavar="ADDR", help="IP subjectAltName (repeatable).")
 @click.option("--uri", multiple=True, metavar="URI", help="URI subjectAltName (repeatable).")
@@ -133,7 +202,14 @@ def ca_issue(
     force: bool,
     key_password_file: Path | None,
 ) -> None:
-    """Issue NAME.crt and NAME.key signed by the CA."""
+    """Issue NAME.crt and NAME.key signed by the CA. Exactly one of --server or --client
+    is required.
+
+    \b
+    Example:
+      tunnel ca issue --dir certs redis --server --dns redis.internal --ip 10.0.0.5
+      tunnel ca issue --dir certs app1 --client --ou payments
+    """
     if server == client:
         raise click.UsageError("exactly one of --server or --client is required")
     key_password = None
@@ -162,27 +238,42 @@ def ca_issue(
     click.echo(f"wrote {crt} and {key}")
 
 
-@ca.command("revoke")
+@ca.command("revoke", short_help="Revoke a certificate (re-signs crl.pem).")
 @_dir_option
 @click.argument("name")
 def ca_revoke(directory: Path, name: str) -> None:
-    """Revoke NAME.crt and re-sign the CRL."""
+    """Revoke NAME.crt and re-sign the CRL (tunnels using it cut NAME's connections).
+
+    \b
+    Example:
+      tunnel ca revoke --dir certs app1
+    """
     serial = pki.revoke(directory, name)
     click.echo(f"revoked {name} (serial {serial:x}); wrote {directory / pki.CRL_FILE}")
 
 
-@ca.command("crl")
+@ca.command("crl", short_help="Re-sign crl.pem with a fresh next update.")
 @_dir_option
 def ca_crl(directory: Path) -> None:
-    """Re-sign crl.pem (same revocations) with a fresh next-update time."""
+    """Re-sign crl.pem (same revocations) with a fresh next-update time.
+
+    \b
+    Example:
+      tunnel ca crl --dir certs
+    """
     next_update = pki.refresh_crl(directory)
     click.echo(f"wrote {directory / pki.CRL_FILE} (next update {next_update:%Y-%m-%d})")
 
 
-@ca.command("list")
+@ca.command("list", short_help="List issued certificates.")
 @_dir_option
 def ca_list(directory: Path) -> None:
-    """List issued certificates."""
+    """List issued certificates: name, kind, serial, expiry, status.
+
+    \b
+    Example:
+      tunnel ca list --dir certs
+    """
     issued = pki.list_issued(directory)
     if not issued:
         click.echo(f"no certificates issued in {directory}")
@@ -194,20 +285,31 @@ def ca_list(directory: Path) -> None:
         click.echo(line)
 
 
-@ca.command("show")
+@ca.command("show", short_help="Describe a certificate, chain or CRL.")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def ca_show(file: Path) -> None:
-    """Describe a PEM certificate or CRL."""
+    """Describe a PEM certificate (every one of a chain file) or CRL.
+
+    \b
+    Example:
+      tunnel ca show certs/redis.crt
+    """
     click.echo(pki.describe(file))
 
 
 _paths_argument = click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="PATH...")
 
 
-@main.command()
+@main.command(short_help="Validate tunnel files and their certificates.")
 @_paths_argument
 def check(paths: tuple[Path, ...]) -> None:
-    """Validate tunnel files and the certificates they name."""
+    """Validate tunnel files and the certificates they name (exit 2 naming the file and key).
+
+    \b
+    Example:
+      tunnel check /etc/tunnel/redis.yaml
+      tunnel check /etc/tunnel/
+    """
     from tunnel.daemon import build_states
 
     for state in build_states(load_paths(paths)):  # building checks the certificates too
@@ -227,11 +329,27 @@ def _address(value: str) -> Address:
     return address
 
 
-@main.command()
+def _status_addresses(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> list[Address]:
+    """--status values, checked where click can name the option in the error."""
+    return [_address(value) for value in values]
+
+
+def _status_address(_ctx: click.Context, _param: click.Parameter, value: str) -> Address:
+    return _address(value)
+
+
+@main.command(short_help="Run tunnels until SIGTERM; SIGHUP reloads.")
 @click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Log line format."
 )
-@click.option("--status", "status", multiple=True, metavar="HOST:PORT", help="Serve /healthz, /metrics, /connections.")
+@click.option(
+    "--status",
+    "status",
+    multiple=True,
+    metavar="HOST:PORT",
+    callback=_status_addresses,
+    help="Serve /healthz, /metrics, /connections here (repeatable; besides each file's status:).",
+)
 @click.option("--watch-interval", type=float, default=1.0, hidden=True, help="Seconds between file checks; 0 = off.")
 @click.option(
     "--workers",
@@ -245,19 +363,28 @@ def _address(value: str) -> Address:
 def run(
     paths: tuple[Path, ...],
     log_format: str,
-    status: tuple[str, ...],
+    status: list[Address],
     watch_interval: float,
     workers: int | None,
     worker: bool,
     worker_status: Path | None,
 ) -> None:
-    """Run every tunnel named (files, or directories of *.yaml) until SIGTERM/SIGINT."""
+    """Run every tunnel named (files, or directories of *.yaml) until SIGTERM/SIGINT, which
+    stop accepting and drain open connections (a second one closes them). SIGHUP, or a change
+    to any file a tunnel was configured from, reloads everything; a reload that fails keeps
+    the running state and is tried again.
+
+    \b
+    Example:
+      tunnel run /etc/tunnel/
+      tunnel run --status 127.0.0.1:9100 --log-format json redis.yaml mariadb.yaml
+    """
     import trio
 
     from tunnel import logs
     from tunnel.daemon import Daemon, build_states
 
-    addresses = [_address(value) for value in status]
+    addresses = status
     logs.setup(log_format)
     configs = load_paths(paths)
     states = build_states(configs)
@@ -278,19 +405,29 @@ def run(
         trio.run(Daemon(paths, states, watch_interval=watch_interval, status=addresses).run)
 
 
-@main.command()
-@click.argument("address", default="127.0.0.1:9100", metavar="[HOST:PORT]")
-@click.option("--health", is_flag=True, help="Print only the health; exit 0 if healthy, 1 if not.")
-def status(address: str, health: bool) -> None:
-    """Who is connected now, and each tunnel's health (from a daemon's status address)."""
+@main.command(short_help="Who is connected, and each tunnel's health.")
+@click.argument("address", default=DEFAULT_STATUS, metavar="[HOST:PORT]", callback=_status_address)
+@click.option("--health", is_flag=True, help="Print only the health (ok or unavailable); exit 0 if healthy, 1 if not.")
+def status(address: Address, health: bool) -> None:
+    """Who is connected now, and each tunnel's health, from a daemon's status address
+    (`tunnel run --status HOST:PORT` or a file's status:). HOST:PORT defaults to
+    127.0.0.1:9100.
+
+    \b
+    Example:
+      tunnel status
+      tunnel status 127.0.0.1:9200 --health
+    """
     from tunnel.status import StatusUnavailable, fetch, render
 
-    where = _address(address)
+    where = address
     try:
         code, health_doc = fetch(where, "/healthz")
         rows = [] if health else fetch(where, "/connections")[1]["connections"]
     except StatusUnavailable as exc:
         click.echo(f"error: {exc}", err=True)
+        if health:
+            click.echo("unavailable")
         raise SystemExit(EXIT_FAILURE) from None
     click.echo(health_doc.get("status", "?") if health else render(health_doc, rows))
     raise SystemExit(EXIT_OK if code == 200 else EXIT_FAILURE)

@@ -582,6 +582,15 @@ def status_addresses(given: Iterable[Address], configs: Iterable[TunnelConfig]) 
     return list(dict.fromkeys([*given, *(c.status for c in configs if c.status is not None)]))
 
 
+def status_origin(address: Address, given: Iterable[Address], configs: Iterable[TunnelConfig]) -> str:
+    """What asked for a status address, for error messages: `--status`, or the files'
+    `status:` key."""
+    if address in given:
+        return f"--status {address}"
+    files = [str(c.source) for c in configs if c.status == address]
+    return f"{', '.join(files) or '?'}: status"
+
+
 def watched_files(paths: Sequence[Path], configs: Iterable[TunnelConfig]) -> tuple[list[Path], list[Path]]:
     """What to watch for a reload: (every file the configs name, plus the tunnel files the
     PATH arguments hold now; the directories among the PATH arguments, for new files)."""
@@ -603,11 +612,46 @@ def load_paths(paths: Iterable[Path]) -> list[TunnelConfig]:
         if config.name in seen_names:
             raise ConfigError(config.source, "name", f"{config.name!r} is also the name in {seen_names[config.name]}")
         seen_names[config.name] = config.source
-        if config.listen in seen_listen and (config.listen.is_unix or config.listen.port != 0):
-            raise ConfigError(
-                config.source,
-                "listen",
-                f"{config.listen} is also the listen address in {seen_listen[config.listen]}",
-            )
+        for other, source in seen_listen.items():
+            if listen_overlap(config.listen, other):
+                same = other == config.listen
+                raise ConfigError(
+                    config.source,
+                    "listen",
+                    f"{config.listen} is also the listen address in {source}"
+                    if same
+                    else f"{config.listen} overlaps {other}, the listen address in {source}: both cannot be bound",
+                )
         seen_listen[config.listen] = config.source
     return configs
+
+
+_WILDCARDS = {"0.0.0.0": 4, "::": 6}
+
+
+def listen_overlap(a: Address, b: Address) -> bool:
+    """Whether two listen addresses cannot both be bound (Linux): the same path, or the
+    same port (not 0) on the same host, or where one is a wildcard covering the other:
+    0.0.0.0 covers every IPv4 address, and :: every address, IPv4 too (a dual-stack
+    socket, as the tunnel binds them: ipv6(7), IPV6_V6ONLY off)."""
+    if a.is_unix or b.is_unix:
+        return a.path == b.path
+    if a.port != b.port or a.port == 0:
+        return False
+    if a.host == b.host:
+        return True
+    families = {_family(a.host), _family(b.host)}
+    if "::" in (a.host, b.host):
+        return None not in families
+    if "0.0.0.0" in (a.host, b.host):
+        return families == {4}
+    return False
+
+
+def _family(host: str) -> int | None:
+    if host in _WILDCARDS:
+        return _WILDCARDS[host]
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None  # a name: which addresses it means is known only when it is bound

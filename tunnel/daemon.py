@@ -17,11 +17,19 @@ from typing import Any
 
 import trio
 
-from tunnel.config import Address, ConfigError, TunnelConfig, load_paths, status_addresses, watched_files
+from tunnel.config import (
+    Address,
+    ConfigError,
+    TunnelConfig,
+    load_paths,
+    status_addresses,
+    status_origin,
+    watched_files,
+)
 from tunnel.logs import event
 from tunnel.metrics import PrometheusMetrics
 from tunnel.notify import Notifier
-from tunnel.status import StatusServer
+from tunnel.status import StatusServer, start_status
 from tunnel.trust import check_certificates
 from tunnel.tunnel import Tunnel, TunnelState
 from tunnel.watch import DEFAULT_INTERVAL, watch
@@ -84,6 +92,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         # A worker serves only the private status address its supervisor gave it.
         self.status_addresses = status_addresses(status, [] if worker else [s.config for s in states])
+        self._given_status = list(status)
         self._stopping = False
         self._stop_time = 0.0
         self._reload_lock = trio.Lock()
@@ -110,6 +119,14 @@ class Daemon:
             async with trio.open_nursery() as helpers:
                 self._helpers = helpers
                 addresses = {}
+                # The status addresses first: one that cannot be served is an error before
+                # any tunnel says it is listening.
+                status_server = StatusServer(
+                    self.all_tunnels, self.metrics, serving=self.serving_tunnels, extra=self._health_extra
+                )
+                for address in self.status_addresses:
+                    origin = status_origin(address, self._given_status, [t.state.config for t in self.tunnels])
+                    addresses[f"status {address}"] = await start_status(helpers, address, status_server.respond, origin)
                 async with trio.open_nursery() as tunnels:
                     self._tunnel_nursery = tunnels
                     for tunnel in self.tunnels:
@@ -120,11 +137,6 @@ class Daemon:
                     helpers.start_soon(self._warn_about_expiry)
                     if self.worker:
                         helpers.start_soon(self._watch_supervisor, os.getppid())
-                    status_server = StatusServer(
-                        self.all_tunnels, self.metrics, serving=self.serving_tunnels, extra=self._health_extra
-                    )
-                    for address in self.status_addresses:
-                        addresses[f"status {address}"] = await helpers.start(status_server.serve, address)
                     event(logging.INFO, "ready", "ready tunnels=%d", len(self.tunnels))
                     self.notifier.ready(f"{len(self.tunnels)} tunnels listening")
                     task_status.started(addresses)

@@ -123,9 +123,6 @@ class StatusServer:
         self._metrics = metrics
         self._extra = extra or dict
 
-    async def serve(self, address: Address, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve_http(address, self.respond, task_status=task_status)
-
     async def respond(self, path: str) -> tuple[str, str, bytes]:
         """(status line, content type, body) for a GET of `path` (no query string)."""
         await trio.lowlevel.checkpoint()
@@ -230,3 +227,12 @@ def _size(count: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{count} B"
+
+
+async def start_status(nursery: trio.Nursery, address: Address, respond: Responder, origin: str) -> Any:
+    """Start `serve_http` on `address` in `nursery`; its bound address. OSError naming
+    `origin` (what asked for it: `--status` or a file's `status:` key) if it cannot listen."""
+    try:
+        return await nursery.start(serve_http, address, respond)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{origin}: cannot serve status on {address}: {exc.strerror or exc}") from None

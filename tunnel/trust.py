@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tunnel.config import ConfigError, TLSConfig, TunnelConfig
 
@@ -260,6 +261,7 @@ def check_certificates(
     tls = config.tls
     certificates = certificates or load_certificates(config)
     _check_own_path(config, certificates, now)
+    _check_own_role(config, certificates.cert)
     warnings = []
     dated = [("tls.cert", tls.cert, c) for c in (certificates.cert, *certificates.chain)]
     dated += [("tls.ca", tls.ca, c) for c in certificates.cas]
@@ -272,6 +274,42 @@ def check_certificates(
         if left < EXPIRY_WARNING:
             warnings.append(f"{config.source}: {key}: {path} expires in {left.days} days ({_when(not_after)})")
     return warnings
+
+
+_ROLE_USAGE = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
+_ROLE_FLAG = {"server": "--server", "client": "--client"}
+
+
+def _check_own_role(config: TunnelConfig, cert: x509.Certificate) -> None:
+    """The tunnel's certificate must be usable for its side of TLS (RFC 5280 4.2.1.12 and
+    4.2.1.3): a server tunnel presents it as a TLS server, a client tunnel as a TLS client,
+    and the peer refuses it otherwise ("unsupported certificate purpose")."""
+    role = config.mode
+    where = f"{config.tls.cert}"
+    try:
+        usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usages = None
+    wanted = _ROLE_USAGE[role]
+    if usages is not None and wanted not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
+        names = ", ".join(getattr(u, "_name", u.dotted_string) for u in usages) or "none"
+        raise ConfigError(
+            config.source,
+            "tls.cert",
+            f"{where} may not be used by a TLS {role} (extendedKeyUsage: {names}), and a {role} tunnel "
+            f"presents it as one: its peers would refuse it. Use a certificate for {wanted._name}, "
+            f"e.g. tunnel ca issue ... {_ROLE_FLAG[role]}",
+        )
+    try:
+        key_usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if not key_usage.digital_signature:
+        raise ConfigError(
+            config.source,
+            "tls.cert",
+            f"{where} has no digitalSignature in its keyUsage: it cannot sign a TLS handshake",
+        )
 
 
 def _check_own_path(config: TunnelConfig, certificates: Certificates, now: datetime) -> None:

@@ -33,11 +33,19 @@ from typing import Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tunnel.config import Address, ConfigError, TunnelConfig, load_paths, status_addresses, watched_files
+from tunnel.config import (
+    Address,
+    ConfigError,
+    TunnelConfig,
+    load_paths,
+    status_addresses,
+    status_origin,
+    watched_files,
+)
 from tunnel.logs import event
 from tunnel.metrics import merge_texts
 from tunnel.notify import Notifier
-from tunnel.status import NOT_FOUND, json_body, serve_http
+from tunnel.status import NOT_FOUND, json_body, start_status
 from tunnel.watch import DEFAULT_INTERVAL, watch
 
 log = logging.getLogger("tunnel")
@@ -86,6 +94,7 @@ class Supervisor:
         self.count = workers
         self.log_format = log_format
         self.status_addresses = status_addresses(status, configs)
+        self._given_status = list(status)
         self.watch_interval = watch_interval
         self.notifier = notifier or Notifier()
         self.configs = list(configs)
@@ -104,6 +113,9 @@ class Supervisor:
                 await notify.bind(str(self._dir / "notify.sock"))
                 async with trio.open_nursery() as helpers:
                     helpers.start_soon(self._read_notifications, notify)
+                    for address in self.status_addresses:  # before any worker says it listens
+                        origin = status_origin(address, self._given_status, self.configs)
+                        await start_status(helpers, address, self.respond, origin)
                     async with trio.open_nursery() as workers:
                         for index in range(self.count):
                             workers.start_soon(self._keep_running, index)
@@ -111,8 +123,6 @@ class Supervisor:
                         helpers.start_soon(self._watch_signals, signals)
                         if self.watch_interval > 0:
                             helpers.start_soon(self._watch_files)
-                        for address in self.status_addresses:
-                            await helpers.start(serve_http, address, self.respond)
                         event(logging.INFO, "ready", "ready workers=%d", self.count)
                         self.notifier.ready(f"{self.count} workers listening")
                         task_status.started()

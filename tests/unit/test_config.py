@@ -27,6 +27,7 @@ from tunnel.config import (
     TunnelConfig,
     UnixSocket,
     find_files,
+    listen_overlap,
     load_file,
     load_paths,
     parse_address,
@@ -1086,3 +1087,38 @@ def test_load_file_only_raises_config_error(fuzz_dir: Path, text: str) -> None:
     path = fuzz_dir / "fuzz-text.yaml"
     path.write_text(text, encoding="utf-8")
     _check_outcome(lambda: load_file(path), path)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "overlap"),
+    [
+        ("0.0.0.0:6380", "127.0.0.1:6380", True),
+        ("127.0.0.1:6380", "0.0.0.0:6380", True),
+        ("[::]:6380", "0.0.0.0:6380", True),  # a dual-stack socket covers IPv4 too
+        ("[::]:6380", "127.0.0.1:6380", True),
+        ("[::]:6380", "[::1]:6380", True),
+        ("0.0.0.0:6380", "[::1]:6380", False),
+        ("127.0.0.1:6380", "127.0.0.2:6380", False),
+        ("0.0.0.0:6380", "0.0.0.0:6381", False),
+        ("0.0.0.0:0", "127.0.0.1:0", False),  # port 0: each gets its own
+        ("127.0.0.1:6380", "127.0.0.1:6380", True),
+        ("unix:/run/a.sock", "unix:/run/a.sock", True),
+        ("unix:/run/a.sock", "0.0.0.0:6380", False),
+        ("localhost:6380", "0.0.0.0:6380", False),  # a name: known only when bound
+    ],
+)
+def test_listen_overlap(a: str, b: str, overlap: bool) -> None:
+    assert listen_overlap(parse_address(a), parse_address(b)) is overlap
+    assert listen_overlap(parse_address(b), parse_address(a)) is overlap
+
+
+def test_two_tunnels_whose_listen_addresses_overlap_are_refused(tmp_path: Path) -> None:
+    make_pki_files(tmp_path / "pki")
+    tls = {"cert": "../pki/cert.pem", "key": "../pki/key.pem", "ca": "../pki/ca.pem"}
+    conf = tmp_path / "conf"
+    write_yaml(conf / "a.yaml", server_doc(listen="0.0.0.0:6380", tls=tls))
+    write_yaml(conf / "b.yaml", server_doc(listen="127.0.0.1:6380", tls=tls))
+    with pytest.raises(ConfigError, match=r"overlaps 0\.0\.0\.0:6380, the listen address in") as info:
+        load_paths([conf])
+    assert info.value.key == "listen"
+    assert info.value.file.endswith("b.yaml")

@@ -632,3 +632,19 @@ def test_client_refuses_a_server_of_another_ca(p: PKI, impostor: Path) -> None:
 
     assert not result.client_done
     assert isinstance(result.client_error, ssl.SSLCertVerificationError)
+
+
+# -- check_certificates: the certificate's role ------------------------------------------------
+
+
+def test_check_refuses_a_client_certificate_in_a_server_tunnel_and_the_reverse(p: PKI) -> None:
+    """Either passed check before, then failed every handshake ("unsupported certificate")."""
+    with pytest.raises(ConfigError, match=r"may not be used by a TLS server \(extendedKeyUsage: clientAuth\)") as info:
+        check_certificates(server_config(p, cert=p.crt("app1"), key=p.key("app1")))
+    assert info.value.key == "tls.cert"
+    assert "tunnel ca issue ... --server" in info.value.message
+    with pytest.raises(ConfigError, match=r"may not be used by a TLS client \(extendedKeyUsage: serverAuth\)") as info:
+        check_certificates(client_config(p, cert=p.crt("server"), key=p.key("server")))
+    assert "--client" in info.value.message
+    assert check_certificates(server_config(p)) == []
+    assert check_certificates(client_config(p)) == []
