@@ -184,6 +184,39 @@ def write_large_crl(ca_dir: Path, path: Path, entries: int) -> Path:
     return path
 
 
+def write_padded_chain(leaf: Path, out: Path, junk: int = 150) -> Path:
+    """`leaf` (PEM) followed by `junk` unrelated self-signed certificates of about 600 bytes
+    each (DER): with 150 of them, a Certificate message of some 96 KB (under OpenSSL's
+    default bound of 100 KiB), what a hostile client sends to make its refusal cost more.
+    One key signs them all (cheap to make)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    pems = [leaf.read_bytes()]
+    for i in range(junk):
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, f"junk {i}"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "j" * 60),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "u" * 60),
+            ]
+        )
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        pems.append(cert.public_bytes(serialization.Encoding.PEM))
+    out.write_bytes(b"".join(pems))
+    return out
+
+
 def make_sub_ca(parent: Path, directory: Path, name: str, *, path_length: int | None) -> Path:
     """An intermediate CA directory under `parent` with any pathLenConstraint (what
     `tunnel ca init --parent` will not make: it makes only pathLenConstraint 0). Like

@@ -1068,6 +1068,13 @@ _SSL_REASONS = {
     "UNSUPPORTED_PROTOCOL": "TLS version too old",
     "TLSV1_ALERT_PROTOCOL_VERSION": "TLS version too old",
     "NO_SHARED_CIPHER": "no shared cipher",
+    # TLS 1.3: none of the peer's groups is one of tls.GROUPS (ffdhe8192 only, say).
+    "NO_SUITABLE_KEY_SHARE": "no shared key exchange group",
+    "NO_SHARED_GROUPS": "no shared key exchange group",
+    # A handshake message longer than OpenSSL allows it: in practice the peer's
+    # certificate list past tls.MAX_CERT_LIST (the other messages' bounds are far beyond
+    # anything a peer sends, a ClientHello's is 128 KiB).
+    "EXCESSIVE_MESSAGE_SIZE": "certificate list too long",
     "NO_PROTOCOLS_AVAILABLE": "TLS version too old",
     "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust our certificate (unknown CA)",
     "SSLV3_ALERT_BAD_CERTIFICATE": "the peer rejected our certificate",
