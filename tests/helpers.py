@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import socket
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,53 @@ def issue_dated(
     cert = builder.sign(ca_key, hashes.SHA256())
     directory = out or ca_dir
     crt_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return crt_path, key_path
+
+
+def issue_odd(
+    ca_dir: Path,
+    name: str,
+    *,
+    kind: str = "client",
+    ca: bool = False,
+    cns: Sequence[str] | None = None,
+    out: Path | None = None,
+) -> tuple[Path, Path]:
+    """NAME.crt/NAME.key signed by the CA in ca_dir, valid now, with what `pki.issue` will
+    not make: basicConstraints CA:TRUE (with what OpenSSL's strict mode asks of a CA:
+    critical, keyCertSign, key identifiers), or a subject of several CNs (`cns`, default
+    just NAME). A client certificate, or a server one for localhost and 127.0.0.1. Written
+    to `out` (default ca_dir)."""
+    ca_cert, ca_key = ca_material(ca_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in (cns or [name])])
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, ca, ca, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    if kind == "server":
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    crt_path, key_path = (out or ca_dir) / f"{name}.crt", (out or ca_dir) / f"{name}.key"
     crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
