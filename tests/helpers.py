@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import socket
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,53 @@ def issue_dated(
     return crt_path, key_path
 
 
+def issue_odd(
+    ca_dir: Path,
+    name: str,
+    *,
+    kind: str = "client",
+    ca: bool = False,
+    cns: Sequence[str] | None = None,
+    out: Path | None = None,
+) -> tuple[Path, Path]:
+    """NAME.crt/NAME.key signed by the CA in ca_dir, valid now, with what `pki.issue` will
+    not make: basicConstraints CA:TRUE (with what OpenSSL's strict mode asks of a CA:
+    critical, keyCertSign, key identifiers), or a subject of several CNs (`cns`, default
+    just NAME). A client certificate, or a server one for localhost and 127.0.0.1. Written
+    to `out` (default ca_dir)."""
+    ca_cert, ca_key = ca_material(ca_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in (cns or [name])])
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, ca, ca, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    if kind == "server":
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    crt_path, key_path = (out or ca_dir) / f"{name}.crt", (out or ca_dir) / f"{name}.key"
+    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return crt_path, key_path
+
+
 def write_crl(
     ca_dir: Path,
     path: Path,
@@ -183,6 +231,39 @@ def write_large_crl(ca_dir: Path, path: Path, entries: int) -> Path:
         capture_output=True,
     )
     return path
+
+
+def write_padded_chain(leaf: Path, out: Path, junk: int = 150) -> Path:
+    """`leaf` (PEM) followed by `junk` unrelated self-signed certificates of about 600 bytes
+    each (DER): with 150 of them, a Certificate message of some 96 KB (under OpenSSL's
+    default bound of 100 KiB), what a hostile client sends to make its refusal cost more.
+    One key signs them all (cheap to make)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    pems = [leaf.read_bytes()]
+    for i in range(junk):
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, f"junk {i}"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "j" * 60),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "u" * 60),
+            ]
+        )
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        pems.append(cert.public_bytes(serialization.Encoding.PEM))
+    out.write_bytes(b"".join(pems))
+    return out
 
 
 def make_sub_ca(parent: Path, directory: Path, name: str, *, path_length: int | None) -> Path:

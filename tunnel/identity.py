@@ -26,6 +26,8 @@ class Identity:
     fingerprint: str  # sha256 of the DER certificate, lowercase hex, no colons
     serial: int
     not_after: datetime
+    cns: tuple[str, ...] = ()  # every CN attribute of the subject, in order (`cn` is the first)
+    ca: bool = False  # basicConstraints CA:TRUE
 
     def describe(self) -> str:
         """A short label for log lines: the CN if there is one, else a SAN, else the hash."""
@@ -70,6 +72,10 @@ def identity_from_certificate(cert: x509.Certificate, der: bytes | None = None) 
         dns = [str(v) for v in san.get_values_for_type(x509.DNSName)]
         uri = [str(v) for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
         ip = [str(v) for v in san.get_values_for_type(x509.IPAddress)]
+    try:
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        ca = False
     return Identity(
         cn=cns[0] if cns else None,
         dns=tuple(dns),
@@ -79,7 +85,23 @@ def identity_from_certificate(cert: x509.Certificate, der: bytes | None = None) 
         fingerprint=hashlib.sha256(der).hexdigest(),
         serial=cert.serial_number,
         not_after=cert.not_valid_after_utc,
+        cns=tuple(cns),
+        ca=ca,
     )
+
+
+def profile_refusal(identity: Identity) -> str | None:
+    """Why a peer's certificate is refused whatever `allow` says, or None: the same in
+    both modes (a client's certificate, a server's). A CA certificate (basicConstraints
+    CA:TRUE, RFC 5280 section 4.2.1.9) is for signing certificates, not for a peer to
+    present. A subject with several CN attributes names no one identity: tools disagree
+    on which is meant (OpenSSL-based ones and this tunnel read the first, Go's crypto/x509
+    the last), so a rule written against one reading could admit the other's."""
+    if identity.ca:
+        return "peer certificate is a CA"
+    if len(identity.cns) > 1:
+        return f"ambiguous identity: {len(identity.cns)} common names"
+    return None
 
 
 def _attribute_strings(name: x509.Name, oid: x509.ObjectIdentifier) -> list[str]:
@@ -117,7 +139,12 @@ class Decision:
 
 
 def decide(identity: Identity, rule: AllowRule) -> Decision:
-    """Admit the identity if any one of the rule's lists matches it."""
+    """Admit the identity if any one of the rule's lists matches it. Every comparison is
+    of whole strings, a `*` being no wildcard on either side: `cn` with the subject's CN,
+    case-sensitive; `dns` with each DNS subjectAltName, ignoring ASCII case (RFC 4343);
+    `uri` with each URI subjectAltName, case-sensitive; `ou` with each OU attribute of the
+    subject, case-sensitive; `fingerprint` with the SHA-256 of the whole DER certificate.
+    IP address subjectAltNames are matched by nothing. `profile_refusal` comes first."""
     if rule.any:
         return Decision(True, "allow.any")
     if identity.cn is not None and identity.cn in rule.cn:

@@ -3,16 +3,21 @@
 The policy: TLS 1.2 or 1.3 only; for TLS 1.2 only forward-secret AEAD suites (Mozilla's
 "intermediate" list); no compression, no renegotiation; the tunnel's own CA as the only
 trust anchor (never the system store); CRLs, when configured, enforced on every
-certificate of the peer's path. What the handshake checks is parsed again in trust.py,
-for the moments without a full handshake (reload, resumption, `tunnel check`).
+certificate of the peer's path; key exchange over X25519, P-256 or P-384 only (GROUPS);
+a peer's certificate list at most MAX_CERT_LIST bytes. What the handshake checks is
+parsed again in trust.py, for the moments without a full handshake (reload, resumption,
+`tunnel check`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import ssl
 from pathlib import Path
 
 from tunnel.config import ConfigError, TLSConfig, TunnelConfig
+from tunnel.openssl import set_groups, set_max_cert_list
 from tunnel.passwords import read_password_file
 from tunnel.session_cache import use_session_cache
 from tunnel.streams import ssl_words
@@ -32,6 +37,23 @@ TLS12_CIPHERS = ":".join(
     ]
 )
 
+# The key exchange groups offered (client) and accepted (server), in order of preference.
+# Not OpenSSL's default list, which also has X448, P-521 and the finite-field groups
+# ffdhe2048 to ffdhe8192 (RFC 7919): one replayed ClientHello offering only ffdhe8192
+# costs the server some 120 ms of CPU against 0.7 ms for X25519, on the event loop,
+# with no work on the client's side. These three are what every TLS 1.3 stack offers.
+GROUPS = "X25519:P-256:P-384"
+# The longest certificate list a peer may send, in bytes of its Certificate message
+# (SSL_CTX_set_max_cert_list(3); OpenSSL's default is 100 KiB). A real chain of a leaf and
+# two intermediates is 2 to 6 KiB; a client from a foreign CA sending its leaf and 95 KB
+# of junk certificates costs 22 ms to refuse against 0.5 ms. Refused from the message's
+# header, before it is read: "certificate list too long" in the log.
+MAX_CERT_LIST = 32 * 1024
+# Where the groups cannot be set (see _limit_key_exchange): the one curve the stdlib can set.
+FALLBACK_CURVE = "prime256v1"
+
+log = logging.getLogger("tunnel")
+
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -44,6 +66,7 @@ def build_context(config: TunnelConfig) -> ssl.SSLContext:
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    _limit_key_exchange(ctx)
     if server_side:
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
         # One TLS 1.3 session ticket per handshake (OpenSSL's default is two): a client
@@ -59,6 +82,34 @@ def build_context(config: TunnelConfig) -> ssl.SSLContext:
     else:
         ctx.check_hostname = True
     return ctx
+
+
+def _limit_key_exchange(ctx: ssl.SSLContext) -> None:
+    """GROUPS and MAX_CERT_LIST on `ctx`, through tunnel.openssl.
+
+    Where that cannot reach the context's SSL_CTX safely (not CPython, a context layout it
+    does not recognise), the context is still built, not refused: refusing would stop
+    every tunnel on such a Python for what is a CPU-cost bound, not a security property.
+    The groups fall back to the one curve the stdlib can set (`set_ecdh_curve`: P-256
+    only, which every TLS 1.3 peer supports), which still excludes the costly groups; the
+    certificate list stays at OpenSSL's 100 KiB default. A warning says so, once."""
+    if set_groups(ctx, GROUPS):
+        bounded = set_max_cert_list(ctx, MAX_CERT_LIST)
+        shortfall = "" if bounded else f"the peer's certificate list is not bounded to {MAX_CERT_LIST} bytes"
+    else:
+        ctx.set_ecdh_curve(FALLBACK_CURVE)
+        shortfall = (
+            f"key exchange limited to {FALLBACK_CURVE} only instead of {GROUPS}, and the peer's "
+            f"certificate list not bounded to {MAX_CERT_LIST} bytes"
+        )
+    if shortfall:
+        _warn_once(shortfall)
+
+
+@functools.cache
+def _warn_once(shortfall: str) -> None:
+    """The same for every context of the process: it depends on the Python build only."""
+    log.warning("cannot reach OpenSSL's SSL_CTX from this Python's ssl module: %s", shortfall)
 
 
 class _KeyIsEncrypted(Exception):

@@ -47,6 +47,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tunnel.config import ConfigError, TLSConfig, TunnelConfig
+from tunnel.identity import identity_from_certificate, profile_refusal
 
 
 class PathError(Exception):
@@ -252,7 +253,8 @@ EXPIRY_WARNING = timedelta(days=30)
 def check_certificates(
     config: TunnelConfig, *, now: datetime | None = None, certificates: Certificates | None = None
 ) -> list[str]:
-    """What `tunnel check` adds to building the context: the tunnel's certificate has a
+    """What `tunnel check` adds to building the context: the tunnel's certificate is one a
+    peer tunnel accepts (not a CA, one CN: identity.profile_refusal), has a
     path to an anchor in tls.ca (through the intermediates after it in tls.cert or in
     tls.ca) and everything on it is in date. ConfigError naming tls.cert when not, with
     full timestamps; warnings for what expires within EXPIRY_WARNING. Reads the files
@@ -326,6 +328,14 @@ def _check_own_path(config: TunnelConfig, certificates: Certificates, now: datet
             "tls.cert",
             f"{tls.cert} is not valid before {_when(cert.not_valid_before_utc)} (now {_when(now)}; "
             "is the issuer's clock or this one wrong?)",
+        )
+    why = profile_refusal(identity_from_certificate(cert))
+    if why is not None:  # what a peer tunnel checks of it (identity.profile_refusal), told now
+        raise ConfigError(
+            config.source,
+            "tls.cert",
+            f"{tls.cert}: {why}: a peer tunnel would refuse every connection with it. Use a "
+            "leaf certificate (basicConstraints CA:FALSE, one CN), as `tunnel ca issue` makes",
         )
     try:
         trust.path(cert, certificates.chain, now)

@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from tunnel.config import Address, TunnelConfig, UnixSocket
-from tunnel.identity import Identity, decide, identity_from_der
+from tunnel.identity import Identity, decide, identity_from_der, profile_refusal
 from tunnel.logs import event
 from tunnel.metrics import Metrics, NoMetrics
 from tunnel.proxy_protocol import v2_header
@@ -103,11 +103,16 @@ class TunnelState:
         return None
 
     def check_peer(self, stream: TLSStream) -> str | None:
-        """After a handshake: remember a full handshake's verdict, or judge a resumed one
-        (which OpenSSL did not verify) as a full handshake would. Why to refuse, or None."""
+        """After a handshake, in both modes: refuse a certificate no peer may present
+        (identity.profile_refusal: a CA, several CNs); then remember a full handshake's
+        verdict, or judge a resumed one (which OpenSSL did not verify) as a full
+        handshake would. Why to refuse, or None."""
         leaf = stream.peer_certificate()
         if leaf is None:
             return "no certificate"
+        why = profile_refusal(identity_from_der(leaf))
+        if why is not None:
+            return why
         if stream.ssl.session_reused:
             return self.peers.resumption_refusal(leaf, datetime.now(UTC))
         self.peers.remember(stream.presented_chain(), stream.verified_chain())
@@ -1068,6 +1073,13 @@ _SSL_REASONS = {
     "UNSUPPORTED_PROTOCOL": "TLS version too old",
     "TLSV1_ALERT_PROTOCOL_VERSION": "TLS version too old",
     "NO_SHARED_CIPHER": "no shared cipher",
+    # TLS 1.3: none of the peer's groups is one of tls.GROUPS (ffdhe8192 only, say).
+    "NO_SUITABLE_KEY_SHARE": "no shared key exchange group",
+    "NO_SHARED_GROUPS": "no shared key exchange group",
+    # A handshake message longer than OpenSSL allows it: in practice the peer's
+    # certificate list past tls.MAX_CERT_LIST (the other messages' bounds are far beyond
+    # anything a peer sends, a ClientHello's is 128 KiB).
+    "EXCESSIVE_MESSAGE_SIZE": "certificate list too long",
     "NO_PROTOCOLS_AVAILABLE": "TLS version too old",
     "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust our certificate (unknown CA)",
     "SSLV3_ALERT_BAD_CERTIFICATE": "the peer rejected our certificate",

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import PKI, client_doc, free_port, server_doc, write_yaml
+from tests.helpers import PKI, client_doc, free_port, issue_odd, server_doc, write_yaml
 
 TUNNEL = [sys.executable, "-m", "tunnel.cli"]
 
@@ -49,6 +49,9 @@ def _broken(p: PKI, tmp: Path, change: str) -> dict[str, Any]:
     elif change == "expired-cert":
         doc["tls"]["cert"] = str(p.crt("expired"))
         doc["tls"]["key"] = str(p.key("expired"))
+    elif change == "cert-is-a-ca":
+        cert, key = issue_odd(p.dir, "ca-leaf", kind="server", ca=True, out=tmp)
+        doc["tls"]["cert"], doc["tls"]["key"] = str(cert), str(key)
     elif change == "other-ca":
         doc["tls"]["ca"] = str(p.other / "ca.crt")
     elif change == "no-allow":
@@ -73,6 +76,7 @@ def _broken(p: PKI, tmp: Path, change: str) -> dict[str, Any]:
         ("missing-file", "tls.crl: file not found"),
         ("wrong-key", "tls.key: "),
         ("expired-cert", "tls.cert: "),
+        ("cert-is-a-ca", "/ca-leaf.crt: peer certificate is a CA: a peer tunnel would refuse"),
         ("other-ca", "tls.cert: "),
         ("no-allow", "allow: required in server mode"),
         ("bad-duration", "limits.idle_timeout: expected a duration"),

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import PKI, free_port, server_doc, write_yaml
+from tests.helpers import PKI, free_port, server_doc, write_padded_chain, write_yaml
 from tests.process import DaemonProcess, EchoTarget, echo_once, is_closed, tls_client
 
 
@@ -242,5 +242,73 @@ def test_memory_does_not_grow_with_refusals(
     round_of(600)
     grown = rss_kib(daemon.process.pid) - settled
     assert grown < 4096, f"RSS grew {grown} KiB over 600 refused handshakes"
+    assert target.accepted == 0
+    assert daemon.stop() == 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of `pid` so far, from the scheduler's nanosecond counters
+    (/proc/PID/task/TID/schedstat, first field; proc(5)), not the 10 ms ticks of stat."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def refused_attempt(ctx: ssl.SSLContext, port: int) -> None:
+    """One handshake that the tunnel refuses; returns once the client has seen the refusal."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.recv(1)  # TLS 1.3: the refusal comes after the client's Finished
+        except (OSError, ssl.SSLError):
+            pass
+
+
+def test_a_refused_hostile_handshake_costs_the_server_no_more_than_a_normal_refusal(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    """A client from a foreign CA is the normal refusal: a whole handshake, then its
+    certificate refused. The hostile ones: a replayable ClientHello offering only
+    ffdhe8192 (120 ms of the server's CPU each, were it accepted), and the foreign
+    client's leaf with 150 junk certificates after it (22 ms each to refuse, were the
+    list not bounded). Each costs the server within 3x the normal refusal, over 20 tries."""
+    daemon, port = start_server(pki_files, tmp_path, daemons, target.address)
+    normal = pki_files.client_context("other-app1")
+    ffdhe = pki_files.client_context("other-app1")
+    ffdhe.minimum_version = ssl.TLSVersion.TLSv1_3
+    ffdhe.set_ecdh_curve("ffdhe8192")  # OpenSSL 3: the group list, ffdhe ones included
+    padded = pki_files.client_context("")
+    padded.load_cert_chain(
+        write_padded_chain(pki_files.other / "other-app1.crt", tmp_path / "padded.pem"),
+        pki_files.other / "other-app1.key",
+    )
+    tries = 20
+    refusals = 0
+
+    def cost(ctx: ssl.SSLContext) -> float:
+        nonlocal refusals
+        for _ in range(3):  # warm up
+            refused_attempt(ctx, port)
+        refusals += 3
+        daemon.wait_for("refused:", count=refusals)
+        before = cpu_seconds(daemon.process.pid)
+        for _ in range(tries):
+            refused_attempt(ctx, port)
+        refusals += tries
+        daemon.wait_for("refused:", count=refusals)
+        return cpu_seconds(daemon.process.pid) - before
+
+    baseline = cost(normal)
+    costs = {"ffdhe8192 only": cost(ffdhe), "150 junk certificates": cost(padded)}
+    for name, spent in costs.items():
+        assert spent <= 3 * baseline, (
+            f"{name}: {spent / tries * 1000:.2f} ms of server CPU per refusal, "
+            f"a normal refusal {baseline / tries * 1000:.2f} ms"
+        )
+    log = daemon.log()
+    for reason in ("unknown CA", "no shared key exchange group", "certificate list too long"):
+        assert log.count(f"refused: {reason} tunnel=") == tries + 3, log
     assert target.accepted == 0
     assert daemon.stop() == 0

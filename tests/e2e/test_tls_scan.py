@@ -39,7 +39,7 @@ pytestmark = pytest.mark.system  # needs third-party software: sslyze
 REPO = Path(__file__).resolve().parents[2]
 SCAN_TIMEOUT = 90.0
 
-# Everything the policy is about; the certificate and curve checks are left out.
+# Everything the policy is about; the certificate checks are left out.
 SCAN_COMMANDS = [
     "--sslv2",
     "--sslv3",
@@ -53,6 +53,7 @@ SCAN_COMMANDS = [
     "--robot",
     "--openssl_ccs",
     "--fallback",
+    "--elliptic_curves",
 ]
 OLD_VERSIONS = ["ssl_2_0_cipher_suites", "ssl_3_0_cipher_suites", "tls_1_0_cipher_suites", "tls_1_1_cipher_suites"]
 # Forward-secret key exchange, AEAD cipher, no SHA-1 MAC: Mozilla "intermediate" for TLS 1.2.
@@ -60,6 +61,9 @@ TLS12_ALLOWED = re.compile(
     r"TLS_(ECDHE|DHE)_(ECDSA|RSA)_WITH_(AES_(128|256)_GCM_SHA(256|384)|CHACHA20_POLY1305_SHA256)"
 )
 TLS12_AUTH = {"ec": "ECDSA", "rsa": "RSA"}
+# tunnel.tls.GROUPS in sslyze's names. (sslyze tries elliptic curves only; the
+# finite-field groups, ffdhe2048 to ffdhe8192, are refused in tests/unit/test_tls_policy.py.)
+ACCEPTED_CURVES = {"X25519", "secp256r1", "secp384r1"}
 
 
 def sslyze() -> str:
@@ -92,6 +96,9 @@ class Scan:
     def accepted(self, command: str) -> list[str]:
         return [suite["cipher_suite"]["name"] for suite in self.results[command]["accepted_cipher_suites"]]
 
+    def curves(self) -> set[str]:
+        return {curve["name"] for curve in self.results["elliptic_curves"]["supported_curves"] or []}
+
     def summary(self) -> str:
         lines = [f"sslyze against a server tunnel with an {self.key_type.upper()} certificate ({self.seconds:.1f}s):"]
         for command in [*OLD_VERSIONS, "tls_1_2_cipher_suites", "tls_1_3_cipher_suites"]:
@@ -106,6 +113,7 @@ class Scan:
             f"ccs injection: {self.results['openssl_ccs_injection']['is_vulnerable_to_ccs_injection']}, "
             f"robot: {self.results['robot']['robot_result']}",
             f"  fallback scsv: {self.results['tls_fallback_scsv']['supports_fallback_scsv']}",
+            f"  key exchange curves: {', '.join(sorted(self.curves()))}",
             f"  client authentication: {self.client_auth}",
         ]
         return "\n".join(lines)
@@ -223,6 +231,14 @@ def test_not_vulnerable_to_known_attacks(scan: Scan) -> None:
     assert scan.results["openssl_ccs_injection"]["is_vulnerable_to_ccs_injection"] is False, scan.summary()
     assert scan.results["robot"]["robot_result"].startswith("NOT_VULNERABLE"), scan.summary()
     assert scan.results["tls_fallback_scsv"]["supports_fallback_scsv"] is True, scan.summary()
+
+
+def test_key_exchange_only_over_x25519_p256_and_p384(scan: Scan) -> None:
+    """Not X448 nor P-521, nor any binary curve: tunnel.tls.GROUPS (sslyze tries them with TLS 1.3)."""
+    assert scan.results["elliptic_curves"]["supports_ecdh_key_exchange"] is True, scan.summary()
+    assert scan.curves() == ACCEPTED_CURVES, scan.summary()
+    rejected = {curve["name"] for curve in scan.results["elliptic_curves"]["rejected_curves"]}
+    assert {"X448", "secp521r1"} <= rejected, scan.summary()
 
 
 def test_client_certificate_required(scan: Scan) -> None:

@@ -27,6 +27,7 @@ from tests.helpers import (
     speak_first,
     tcp_connect,
     tls_connect,
+    write_padded_chain,
     write_yaml,
 )
 from tunnel.config import load_file
@@ -139,6 +140,47 @@ async def test_refused_clients_never_reach_the_target(
     assert len(refused) == 1
     assert refused[0].startswith(f"refused: {reason}")
     assert "peer=127.0.0.1:" in refused[0]
+
+
+def hostile_context(p: PKI, tmp: Path, kind: str) -> ssl.SSLContext:
+    """app1's client context, made hostile: offering only ffdhe8192 (a TLS 1.3 key exchange
+    that costs the server ~120 ms), or sending 150 junk certificates after its own (~96 KB)."""
+    ctx = p.client_context("app1")
+    if kind == "ffdhe8192":
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.set_ecdh_curve("ffdhe8192")  # OpenSSL 3: the group list, ffdhe ones included
+    else:
+        ctx.load_cert_chain(write_padded_chain(p.crt("app1"), tmp / "padded.pem"), p.key("app1"))
+    return ctx
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("ffdhe8192", "no shared key exchange group"), ("padded-chain", "certificate list too long")],
+)
+async def test_costly_handshakes_are_refused_and_say_why(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str, reason: str
+) -> None:
+    ctx = hostile_context(pki_files, tmp_path, kind)
+    async with backend(echo) as target:
+        path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address))
+        async with running_tunnel(path) as (_, address):
+            host, _, port = address.rpartition(":")
+            stream = trio.SSLStream(await trio.open_tcp_stream(host, int(port)), ctx, server_hostname="localhost")
+
+            async def handshake_then_read() -> None:
+                await stream.do_handshake()
+                await stream.receive_some()  # TLS 1.3: a refusal after the client's Finished
+
+            with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
+                await handshake_then_read()
+            await stream.transport_stream.aclose()
+            await wait_for_log(caplog, "refused:")
+            assert await roundtrip(pki_files, address, "app1") == b"ping"
+    assert target.accepted == 1
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused:")]
+    assert refused == [refused[0]]
+    assert refused[0].startswith(f"refused: {reason} tunnel="), refused
 
 
 async def wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> None:

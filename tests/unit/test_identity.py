@@ -21,6 +21,7 @@ from tunnel.identity import (
     identity_from_certificate,
     identity_from_der,
     normalize_fingerprint,
+    profile_refusal,
 )
 
 KEY = ec.generate_private_key(ec.SECP256R1())
@@ -36,12 +37,16 @@ def make_cert(
     uris: Sequence[str] = (),
     ips: Sequence[str] = (),
     serial: int = 1000,
+    more_cns: Sequence[str] = (),
+    ca: bool | None = None,
 ) -> tuple[x509.Certificate, bytes]:
-    """A self-signed EC P-256 certificate with exactly the names asked for, and its DER."""
+    """A self-signed EC P-256 certificate with exactly the names asked for, and its DER:
+    CN attributes `cn` then `more_cns`; basicConstraints only if `ca` is not None."""
     attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tunnel tests")]
     attributes += [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou) for ou in ous]
     if cn is not None:
         attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    attributes += [x509.NameAttribute(NameOID.COMMON_NAME, more) for more in more_cns]
     name = x509.Name(attributes)
     builder = (
         x509.CertificateBuilder()
@@ -57,6 +62,8 @@ def make_cert(
     general_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     if general_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(general_names), critical=False)
+    if ca is not None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     cert = builder.sign(KEY, hashes.SHA256())
     return cert, cert.public_bytes(serialization.Encoding.DER)
 
@@ -85,6 +92,8 @@ def test_identity_from_der_reads_every_name() -> None:
         fingerprint=hashlib.sha256(der).hexdigest(),
         serial=0xC0FFEE,
         not_after=NOT_AFTER,
+        cns=("app1",),
+        ca=False,
     )
     assert identity.not_after.tzinfo is not None
     assert identity.describe() == "cn=app1"
@@ -113,21 +122,46 @@ def test_identities_of_different_certificates_differ() -> None:
     assert (one.serial, two.serial) == (1, 2)
 
 
-def test_first_common_name_wins() -> None:
-    name = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, "first"), x509.NameAttribute(NameOID.COMMON_NAME, "second")]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(KEY.public_key())
-        .serial_number(7)
-        .not_valid_before(NOT_BEFORE)
-        .not_valid_after(NOT_AFTER)
-        .sign(KEY, hashes.SHA256())
-    )
-    assert identity_from_certificate(cert).cn == "first"
+def test_every_common_name_is_read_the_first_is_cn() -> None:
+    cert, _ = make_cert(cn="first", more_cns=["second"])
+    identity = identity_from_certificate(cert)
+    assert identity.cn == "first"
+    assert identity.cns == ("first", "second")
+
+
+@pytest.mark.parametrize(("ca", "expected"), [(None, False), (False, False), (True, True)])
+def test_basic_constraints_ca_is_read(ca: bool | None, expected: bool) -> None:
+    cert, _ = make_cert(cn="x", ca=ca)
+    assert identity_from_certificate(cert).ca is expected
+
+
+# --------------------------------------------------------------------------- profile_refusal
+
+
+@pytest.mark.parametrize(
+    ("cert", "reason"),
+    [
+        pytest.param(make_cert(cn="app1"), None, id="one-cn"),
+        pytest.param(make_cert(), None, id="no-cn"),
+        pytest.param(make_cert(cn="app1", ca=False), None, id="ca-false"),
+        pytest.param(make_cert(cn="app1", ca=True), "peer certificate is a CA", id="ca-true"),
+        pytest.param(make_cert(cn="app1", more_cns=["admin"]), "ambiguous identity: 2 common names", id="two-cns"),
+        pytest.param(make_cert(cn="a", more_cns=["a", "a"]), "ambiguous identity: 3 common names", id="same-cn-3x"),
+        pytest.param(make_cert(cn="a", more_cns=["b"], ca=True), "peer certificate is a CA", id="ca-first"),
+    ],
+)
+def test_profile_refusal(cert: tuple[x509.Certificate, bytes], reason: str | None) -> None:
+    assert profile_refusal(identity_from_der(cert[1])) == reason
+
+
+def test_profile_refusal_is_whatever_the_allow_rule() -> None:
+    """decide() would admit both; profile_refusal does not look at the rule at all."""
+    two = identity_from_der(make_cert(cn="app1", more_cns=["admin"])[1])
+    ca = identity_from_der(make_cert(cn="app1", ca=True)[1])
+    for identity in (two, ca):
+        assert decide(identity, AllowRule(any=True)).allowed
+        assert decide(identity, AllowRule(cn=fs("app1"))).allowed
+        assert profile_refusal(identity) is not None
 
 
 def test_certificate_without_cn_or_san() -> None:

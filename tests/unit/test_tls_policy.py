@@ -19,7 +19,16 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.helpers import PKI, client_doc, issue_dated, make_pki, server_doc, write_crl, write_yaml
+from tests.helpers import (
+    PKI,
+    client_doc,
+    issue_dated,
+    make_pki,
+    server_doc,
+    write_crl,
+    write_padded_chain,
+    write_yaml,
+)
 from tunnel import pki
 from tunnel.config import ConfigError, TunnelConfig, load_file
 from tunnel.tls import build_context
@@ -648,3 +657,118 @@ def test_check_refuses_a_client_certificate_in_a_server_tunnel_and_the_reverse(p
     assert "--client" in info.value.message
     assert check_certificates(server_config(p)) == []
     assert check_certificates(client_config(p)) == []
+
+
+# -- build_context: key exchange groups --------------------------------------------------------
+
+ACCEPTED_GROUPS = ["X25519", "prime256v1", "secp384r1"]
+# ffdhe8192 costs the server ~120 ms of CPU per handshake; X448 and P-521 were simply never meant.
+REFUSED_GROUPS = ["ffdhe2048", "ffdhe8192", "X448", "secp521r1"]
+
+
+def only_group(ctx: ssl.SSLContext, group: str) -> ssl.SSLContext:
+    """`ctx` offering (client) or accepting (server) `group` alone. The stdlib's
+    `set_ecdh_curve` sets OpenSSL 3's group list to that one group, ffdhe ones included."""
+    ctx.set_ecdh_curve(group)
+    return ctx
+
+
+@pytest.mark.parametrize("group", ACCEPTED_GROUPS)
+def test_server_accepts_x25519_p256_and_p384(p: PKI, group: str) -> None:
+    client = only_group(plain_client(p, minimum=ssl.TLSVersion.TLSv1_3), group)
+    assert handshake(client, build_context(server_config(p))).ok
+
+
+@pytest.mark.parametrize("group", REFUSED_GROUPS)
+def test_server_refuses_a_tls13_client_offering_only_another_group(p: PKI, group: str) -> None:
+    client = only_group(plain_client(p, minimum=ssl.TLSVersion.TLSv1_3), group)
+    assert handshake(client, permissive_server(p)).ok, f"{group} cannot be negotiated even without the policy"
+
+    result = handshake(client, build_context(server_config(p)))
+
+    assert result.refused
+    assert not result.server_done
+    assert "NO_SUITABLE_KEY_SHARE" in str(result.server_error)
+
+
+@pytest.mark.parametrize("group", ["X448", "secp521r1"])
+def test_server_refuses_a_tls12_client_offering_only_another_curve(p: PKI, rsa_pki: PKI, group: str) -> None:
+    """With an RSA certificate (TLS 1.2 ECDSA would also need the certificate's curve offered)."""
+    client = only_group(plain_client(rsa_pki, maximum=ssl.TLSVersion.TLSv1_2), group)
+    assert handshake(client, permissive_server(rsa_pki)).ok, f"{group} cannot be negotiated even without the policy"
+
+    result = handshake(client, build_context(server_config(rsa_pki, directory=p.dir.parent)))
+
+    assert result.refused
+    assert not result.server_done
+    assert "NO_SHARED_CIPHER" in str(result.server_error)  # no ECDHE suite without a shared curve
+
+
+@pytest.mark.parametrize(
+    ("group", "accepted"), [(g, True) for g in ACCEPTED_GROUPS] + [(g, False) for g in REFUSED_GROUPS]
+)
+def test_client_tunnel_offers_only_x25519_p256_and_p384(p: PKI, group: str, accepted: bool) -> None:
+    server = only_group(permissive_server(p), group)
+    assert handshake(plain_client(p), server).ok or not accepted
+
+    result = handshake(build_context(client_config(p)), server)
+
+    assert result.ok is accepted, result
+    if not accepted:
+        assert not result.server_done  # the server found nothing it takes among what the tunnel offers
+
+
+def test_without_openssl_access_the_groups_fall_back_to_p256_alone(
+    p: PKI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Python whose ssl module the ctypes calls cannot reach: still no ffdhe (one curve,
+    P-256, the stdlib can set), and a warning."""
+    import tunnel.tls
+
+    monkeypatch.setattr(tunnel.tls, "set_groups", lambda ctx, groups: False)
+    tunnel.tls._warn_once.cache_clear()
+    server = build_context(server_config(p))
+    tunnel.tls._warn_once.cache_clear()
+
+    assert "key exchange limited to prime256v1" in caplog.text
+    assert handshake(only_group(plain_client(p), "prime256v1"), server).ok
+    for group in ("X25519", "ffdhe8192"):
+        assert handshake(only_group(plain_client(p, minimum=ssl.TLSVersion.TLSv1_3), group), server).refused
+
+
+# -- build_context: the peer's certificate list ------------------------------------------------
+
+
+def test_server_refuses_a_client_certificate_list_past_the_bound(p: PKI, tmp_path: Path) -> None:
+    """app1, a client the tunnel admits, with 150 junk certificates after it (~96 KB)."""
+    padded = write_padded_chain(p.crt("app1"), tmp_path / "padded.pem")
+    client = plain_client(p)
+    client.load_cert_chain(padded, p.key("app1"))
+    # Control: without the bound (OpenSSL's default is 100 KiB) the junk is ignored and app1 admitted.
+    assert handshake(client, p.server_context()).ok
+
+    result = handshake(client, build_context(server_config(p)))
+
+    assert result.refused
+    assert not result.server_done
+    assert "EXCESSIVE_MESSAGE_SIZE" in str(result.server_error)
+    assert handshake(plain_client(p), build_context(server_config(p))).ok
+
+
+def test_a_chain_with_intermediates_is_well_within_the_bound(p: PKI, tmp_path: Path) -> None:
+    """Four more certificates (~2.5 KB) after the leaf: nowhere near MAX_CERT_LIST."""
+    padded = write_padded_chain(p.crt("app1"), tmp_path / "padded.pem", junk=4)
+    client = plain_client(p)
+    client.load_cert_chain(padded, p.key("app1"))
+    assert handshake(client, build_context(server_config(p))).ok
+
+
+def test_client_tunnel_refuses_a_server_certificate_list_past_the_bound(p: PKI, tmp_path: Path) -> None:
+    server = permissive_server(p)
+    server.load_cert_chain(write_padded_chain(p.crt("server"), tmp_path / "padded.pem"), p.key("server"))
+    assert handshake(plain_client(p), server).ok
+
+    result = handshake(build_context(client_config(p)), server)
+
+    assert not result.client_done
+    assert "EXCESSIVE_MESSAGE_SIZE" in str(result.client_error)
