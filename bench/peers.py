@@ -290,6 +290,8 @@ _TUNNEL_LIMITS = {
     "handshake_timeout": "10s",
     "connect_timeout": "5s",
     "max_connections": 4096,
+    "max_handshakes": 4096,
+    "per_source": {"handshakes": 4096, "connections": 4096},  # every load generator is one source
     "drain_timeout": "1s",
 }
 

@@ -94,6 +94,14 @@ def ca_material(ca_dir: Path) -> tuple[x509.Certificate, CAKey]:
     return cert, key
 
 
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+    """An unencrypted PKCS#8 key, mode 0600 (a key every user can read is refused)."""
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    path.chmod(0o600)
+
+
 def issue_dated(
     ca_dir: Path,
     name: str,
@@ -130,10 +138,7 @@ def issue_dated(
     directory = out or ca_dir
     crt_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_path.chmod(0o600)
+    write_key(key_path, key)
     return crt_path, key_path
 
 
@@ -178,9 +183,7 @@ def issue_odd(
     cert = builder.sign(ca_key, hashes.SHA256())
     crt_path, key_path = (out or ca_dir) / f"{name}.crt", (out or ca_dir) / f"{name}.key"
     crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    write_key(key_path, key)
     return crt_path, key_path
 
 
@@ -290,10 +293,7 @@ def make_sub_ca(parent: Path, directory: Path, name: str, *, path_length: int | 
     directory.mkdir(parents=True)
     pem = cert.public_bytes(serialization.Encoding.PEM)
     (directory / "ca.crt").write_bytes(pem)
-    (directory / "ca.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    (directory / "ca.key").chmod(0o600)
+    write_key(directory / "ca.key", key)
     above = (parent / "chain.pem").read_bytes() if (parent / "chain.pem").exists() else b""
     (directory / "chain.pem").write_bytes(pem + above)
     return directory

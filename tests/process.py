@@ -133,9 +133,10 @@ class EchoTarget:
                 conn.close()
 
 
-def tls_client(p: PKI, port: int, name: str, *, timeout: float = 5.0) -> ssl.SSLSocket:
-    """A blocking stdlib TLS client presenting `name`'s certificate."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def tls_client(p: PKI, port: int, name: str, *, timeout: float = 5.0, source: str | None = None) -> ssl.SSLSocket:
+    """A blocking stdlib TLS client presenting `name`'s certificate, connecting from
+    `source` (another loopback address, e.g. 127.0.0.2: another source to the tunnel)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None)
     try:
         return p.client_context(name).wrap_socket(raw, server_hostname="localhost")
     except BaseException:

@@ -72,6 +72,24 @@ class Limits:
     idle_timeout: float | None = 3600.0  # None: never
     max_connections: int = 1024
     drain_timeout: float = 30.0
+    # 0 below means "the default", worked out from the caps above (see __post_init__).
+    max_handshakes: int = 0  # min(256, max_connections)
+    per_source_handshakes: int = 0  # limits.per_source.handshakes: min(32, max_handshakes)
+    per_source_connections: int = 0  # limits.per_source.connections: min(256, max_connections)
+    per_identity_connections: int = 0  # max_connections
+
+    def __post_init__(self) -> None:
+        derived = {
+            "max_handshakes": min(256, self.max_connections),
+            "per_source_connections": min(256, self.max_connections),
+            "per_identity_connections": self.max_connections,
+        }
+        for key, value in derived.items():
+            if not getattr(self, key):
+                object.__setattr__(self, key, value)
+        if not self.per_source_handshakes:
+            value = min(32, self.max_handshakes, self.per_source_connections)
+            object.__setattr__(self, "per_source_handshakes", value)
 
 
 @dataclass(frozen=True)
@@ -134,7 +152,11 @@ LIMIT_KEYS = {
     "idle_timeout",
     "max_connections",
     "drain_timeout",
+    "max_handshakes",
+    "per_source",
+    "per_identity_connections",
 }
+PER_SOURCE_KEYS = {"handshakes", "connections"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -539,11 +561,34 @@ def _parse_limits(r: _Reader, value: object) -> Limits:
             durations[key] = r.duration(limits[key], f"limits.{key}")
             if key != "idle_timeout" and durations[key] <= 0:
                 raise r.error(f"limits.{key}", "must be more than zero")
-    max_connections = limits.get("max_connections", defaults.max_connections)
-    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
-        raise r.error("limits.max_connections", f"expected a whole number, got {_kind(max_connections)}")
-    if max_connections < 1:
-        raise r.error("limits.max_connections", "must be at least 1")
+    max_connections = _count(r, limits, "max_connections", "limits") or defaults.max_connections
+    per_source = r.mapping(limits.get("per_source", {}), "limits.per_source", PER_SOURCE_KEYS)
+    counts = {
+        "max_handshakes": _count(r, limits, "max_handshakes", "limits"),
+        "per_source_handshakes": _count(r, per_source, "handshakes", "limits.per_source"),
+        "per_source_connections": _count(r, per_source, "connections", "limits.per_source"),
+        "per_identity_connections": _count(r, limits, "per_identity_connections", "limits"),
+    }
+    caps = Limits(max_connections=max_connections, **counts)  # the unset ones worked out
+    for key, value, cap, cap_key in (
+        ("limits.max_handshakes", counts["max_handshakes"], max_connections, "limits.max_connections"),
+        ("limits.per_source.connections", counts["per_source_connections"], max_connections, "limits.max_connections"),
+        ("limits.per_source.handshakes", counts["per_source_handshakes"], caps.max_handshakes, "limits.max_handshakes"),
+        (
+            "limits.per_source.handshakes",
+            counts["per_source_handshakes"],
+            caps.per_source_connections,
+            "limits.per_source.connections",
+        ),
+        (
+            "limits.per_identity_connections",
+            counts["per_identity_connections"],
+            max_connections,
+            "limits.max_connections",
+        ),
+    ):
+        if value > cap:
+            raise r.error(key, f"{value} is more than {cap_key} ({cap}), so it could never be reached")
     idle = durations.get("idle_timeout", defaults.idle_timeout)
     return Limits(
         handshake_timeout=durations.get("handshake_timeout", defaults.handshake_timeout),
@@ -551,7 +596,20 @@ def _parse_limits(r: _Reader, value: object) -> Limits:
         idle_timeout=None if idle == 0 else idle,
         max_connections=max_connections,
         drain_timeout=durations.get("drain_timeout", defaults.drain_timeout),
+        **{key: getattr(caps, key) for key in counts},
     )
+
+
+def _count(r: _Reader, mapping: Mapping[str, Any], name: str, section: str) -> int:
+    """The whole number (at least 1) at `section.name`; 0 (meaning: the default) if unset."""
+    if name not in mapping:
+        return 0
+    value, key = mapping[name], f"{section}.{name}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise r.error(key, f"expected a whole number, got {_kind(value)}")
+    if value < 1:
+        raise r.error(key, "must be at least 1")
+    return value
 
 
 def find_files(paths: Iterable[Path]) -> list[Path]:

@@ -28,6 +28,7 @@ class Metrics(Protocol):
     def opened(self, tunnel: str) -> None: ...
     def closed(self, tunnel: str, why: str) -> None: ...
     def refused(self, tunnel: str, reason: str) -> None: ...
+    def shed(self, tunnel: str, reason: str) -> None: ...
     def handshake_seconds(self, tunnel: str, seconds: float) -> None: ...
     def connect_seconds(self, tunnel: str, seconds: float) -> None: ...
     def reloaded(self, ok: bool, when: float) -> None: ...
@@ -45,6 +46,9 @@ class NoMetrics:
     def refused(self, tunnel: str, reason: str) -> None:
         pass
 
+    def shed(self, tunnel: str, reason: str) -> None:
+        pass
+
     def handshake_seconds(self, tunnel: str, seconds: float) -> None:
         pass
 
@@ -56,7 +60,10 @@ class NoMetrics:
 
 
 def refusal_label(reason: str) -> str:
-    """A bounded label for a refusal reason: `not allowed: matches none of ...` → `not allowed`."""
+    """A bounded label for a refusal reason: `not allowed: matches none of ...` → `not allowed`,
+    `too many connections for cn=app1 (...)` → `too many connections`."""
+    if reason.startswith("too many connections"):
+        return "too many connections"
     return reason.split(":", 1)[0].split(" (", 1)[0].strip() or "unknown"
 
 
@@ -90,6 +97,13 @@ class PrometheusMetrics:
         self._refused = Counter(
             "tunnel_connections_refused", "Connections refused, by reason.", ["tunnel", "reason"], registry=r
         )
+        self._shed = Counter(
+            "tunnel_connections_shed",
+            "New connections reset at once (per_source.handshakes, per_source.connections, handshake slots full)"
+            " and handshaking ones closed to make room (displaced), by reason.",
+            ["tunnel", "reason"],
+            registry=r,
+        )
         self._handshake = Histogram(
             "tunnel_handshake_duration_seconds",
             "TLS handshake time.",
@@ -121,6 +135,9 @@ class PrometheusMetrics:
 
     def refused(self, tunnel: str, reason: str) -> None:
         self._child(self._refused, tunnel, refusal_label(reason)).inc()
+
+    def shed(self, tunnel: str, reason: str) -> None:
+        self._child(self._shed, tunnel, reason).inc()  # reason: one of tunnel.limits.SHED_*
 
     def handshake_seconds(self, tunnel: str, seconds: float) -> None:
         self._child(self._handshake, tunnel).observe(seconds)
@@ -158,6 +175,11 @@ class _LiveCollector(Collector):
     def _collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         tunnels = self._tunnels()
         active = GaugeMetricFamily("tunnel_active_connections", "Connections open now.", labels=["tunnel"])
+        handshaking = GaugeMetricFamily(
+            "tunnel_handshaking_connections",
+            "Connections in their TLS handshake now (each holds one of limits.max_handshakes).",
+            labels=["tunnel"],
+        )
         listening = GaugeMetricFamily("tunnel_listening", "1 if the tunnel is accepting.", labels=["tunnel"])
         moved = CounterMetricFamily(
             "tunnel_bytes", "Bytes relayed: in = towards the target, out = back.", labels=["tunnel", "direction"]
@@ -173,6 +195,7 @@ class _LiveCollector(Collector):
         for tunnel in tunnels:
             name = tunnel.name
             active.add_metric([name], len(tunnel.connections))
+            handshaking.add_metric([name], tunnel.handshaking)
             listening.add_metric([name], 1 if tunnel.listening else 0)
             bytes_in, bytes_out = tunnel.bytes_moved()
             moved.add_metric([name, "in"], bytes_in)
@@ -181,7 +204,7 @@ class _LiveCollector(Collector):
                 not_after.add_metric([name, str(path)], when.timestamp())
             if tunnel.state.trust.crl_next_update is not None:
                 crl.add_metric([name], tunnel.state.trust.crl_next_update.timestamp())
-        yield from (active, listening, moved, not_after, crl)
+        yield from (active, handshaking, listening, moved, not_after, crl)
 
 
 def merge_texts(texts: Sequence[str]) -> bytes:

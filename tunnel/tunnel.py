@@ -1,5 +1,6 @@
-"""One tunnel: bind, accept under a connection cap, handshake under a deadline, decide who
-the peer is, dial the target (with failover), relay, and log each connection's story.
+"""One tunnel: bind, accept under the connection caps (tunnel/limits.py: global, per
+source, per identity), handshake under a deadline, decide who the peer is, dial the
+target (with failover), relay, and log each connection's story.
 
 Server mode: TLS in, plaintext out. Client mode: plaintext in, TLS out. Both share this
 code; only which side is TLS differs. The identity decision is made before the target is
@@ -31,6 +32,7 @@ import trio
 
 from tunnel.config import Address, TunnelConfig, UnixSocket
 from tunnel.identity import Identity, decide, identity_from_der, profile_refusal
+from tunnel.limits import SHED_DISPLACED, Gate, ShedLog, Ticket, source_key
 from tunnel.logs import event
 from tunnel.metrics import Metrics, NoMetrics
 from tunnel.proxy_protocol import v2_header
@@ -119,29 +121,6 @@ class TunnelState:
         return None
 
 
-class _Slots:
-    """A counting limit whose size can change while it is in use (max_connections)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._lot = trio.lowlevel.ParkingLot()
-
-    async def acquire(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while self.used >= self.limit:
-            await self._lot.park()
-        self.used += 1
-
-    def release(self) -> None:
-        self.used -= 1
-        self._lot.unpark()
-
-    def set_limit(self, limit: int) -> None:
-        self.limit = limit
-        self._lot.unpark_all()
-
-
 class TargetUnavailable(Exception):
     """No target in the list accepted a connection in time."""
 
@@ -160,6 +139,7 @@ class Connection:
     stats: RelayStats = field(default_factory=RelayStats)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     closed_logged: bool = False  # its end is logged and counted (closed, or target unavailable)
+    ticket: Ticket | None = None  # its slots (tunnel/limits.py)
 
 
 class Tunnel:
@@ -172,7 +152,8 @@ class Tunnel:
         self.connections: dict[int, Connection] = {}
         self._closed_bytes = [0, 0]  # in, out: of connections that have ended
         self.listening = False
-        self._slots = _Slots(state.config.limits.max_connections)
+        self._gate = Gate(state.config.limits)  # who may take a slot (tunnel/limits.py)
+        self._shed_log = ShedLog(self.name)
         self._stop_accepting = trio.CancelScope()
         self._connections_scope: trio.CancelScope | None = None
         self._listener: socket.socket | None = None
@@ -255,7 +236,7 @@ class Tunnel:
     def replace_state(self, state: TunnelState) -> None:
         """Use `state` for every new connection from now on (one assignment)."""
         self.state = state
-        self._slots.set_limit(state.config.limits.max_connections)
+        self._gate.set_limits(state.config.limits)
 
     def close_listener(self) -> None:
         """Give up a listener bound by `bind` that `serve` never ran on."""
@@ -307,19 +288,53 @@ class Tunnel:
 
     # -- accepting -------------------------------------------------------------------
 
-    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
-        while True:
-            await self._slots.acquire()
-            try:
-                sock, address = await _accept(listener, self.name)
-            except BaseException:
-                self._slots.release()
-                raise
-            nursery.start_soon(self._handle, sock, address)
+    @property
+    def handshaking(self) -> int:
+        """Connections in their TLS handshake now (holding one of limits.max_handshakes)."""
+        return len(self._gate.handshakes)
 
-    async def _handle(self, sock: socket.socket, address: Any) -> None:
+    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        """Accept under the Gate's caps (see tunnel/limits.py): wait for room (the kernel's
+        backlog holds new connections meanwhile), accept, then admit, reset at once (a
+        source over its caps, a crowd's newcomer), or hold the socket until room."""
+        tcp = listener.family != socket.AF_UNIX
+        async with trio.open_nursery() as reporter:
+            reporter.start_soon(self._shed_log.report_every_interval)
+            while True:
+                handshake = self.state.config.mode == "server"
+                await self._gate.wait_for_room(handshake=handshake, displace=tcp)
+                sock, address = await _accept(listener, self.name)
+                try:
+                    source = source_key(address) if tcp else None
+                    while (ticket := self._gate.admit(source, trio.current_time(), handshake=handshake)) is None:
+                        await self._gate.wait_for_room(handshake=handshake, displace=tcp)
+                except BaseException:
+                    sock.close()
+                    raise
+                if isinstance(ticket, str):
+                    self._shed(sock, address, source, ticket)
+                else:
+                    nursery.start_soon(self._handle, sock, address, ticket)
+
+    def _shed(self, sock: socket.socket, address: Any, source: str | None, reason: str) -> None:
+        """Reset a new socket at once (SO_LINGER 0: no TIME_WAIT left behind); counted,
+        logged summed."""
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        self.metrics.shed(self.name, reason)
+        self._shed_log.record(reason, source, _format_peer(address), trio.current_time())
+
+    async def _handle(self, sock: socket.socket, address: Any, ticket: Ticket) -> None:
         peer = _format_peer(address)
-        conn = Connection(id=next(_ids), peer=peer, since=trio.current_time(), address=address)
+        conn = Connection(
+            id=next(_ids),
+            peer=peer,
+            since=trio.current_time(),
+            address=address,
+            ticket=ticket,
+            cancel_scope=ticket.cancel_scope,  # cancelled when displaced
+        )
         state = self.state
         try:
             with conn.cancel_scope:
@@ -336,7 +351,10 @@ class Tunnel:
                     await self._serve_tls_client(state, sock, conn)
                 else:
                     await self._serve_plain_client(state, sock, conn)
-            if conn.cancel_scope.cancelled_caught and not conn.closed_logged:
+            if ticket.displaced:  # counted and logged (summed) here, not once each
+                self.metrics.shed(self.name, SHED_DISPLACED)
+                self._shed_log.record(SHED_DISPLACED, ticket.source, peer, trio.current_time())
+            elif conn.cancel_scope.cancelled_caught and not conn.closed_logged:
                 # Cancelled before the relay could say (mid-handshake, dialling, PROXY header).
                 conn.stats.why = conn.stats.why or "closed by the daemon"
                 self._log_closed(conn)
@@ -351,7 +369,7 @@ class Tunnel:
             self.connections.pop(conn.id, None)
             self._closed_bytes[0] += conn.stats.bytes_in
             self._closed_bytes[1] += conn.stats.bytes_out
-            self._slots.release()
+            self._gate.release(ticket)
             sock.close()
 
     async def _serve_tls_client(self, state: TunnelState, sock: socket.socket, conn: Connection) -> None:
@@ -397,6 +415,11 @@ class Tunnel:
             return
         if self.state is not state:  # reloaded during the handshake: the new rules decide
             why = self.state.still_admits(conn)
+            if why is not None:
+                self._refuse(conn, client, why, conn.identity)
+                return
+        if conn.ticket is not None:  # limits.per_identity_connections, before anything is sent
+            why = self._gate.admitted(conn.ticket, conn.identity.describe())
             if why is not None:
                 self._refuse(conn, client, why, conn.identity)
                 return

@@ -646,6 +646,58 @@ BAD: list[tuple[str, object, str, str]] = [
     ("max-connections-string", {**S, "limits": {"max_connections": "10"}}, "limits.max_connections", "whole number"),
     ("max-connections-bool", {**S, "limits": {"max_connections": True}}, "limits.max_connections", "whole number"),
     ("max-connections-float", {**S, "limits": {"max_connections": 10.0}}, "limits.max_connections", "whole number"),
+    ("max-handshakes-zero", {**S, "limits": {"max_handshakes": 0}}, "limits.max_handshakes", "at least 1"),
+    ("max-handshakes-null", {**S, "limits": {"max_handshakes": None}}, "limits.max_handshakes", "got nothing"),
+    (
+        "max-handshakes-over-max-connections",
+        {**S, "limits": {"max_connections": 10, "max_handshakes": 11}},
+        "limits.max_handshakes",
+        "11 is more than limits.max_connections (10)",
+    ),
+    ("per-source-list", {**S, "limits": {"per_source": [1]}}, "limits.per_source", "expected a mapping"),
+    ("per-source-unknown", {**S, "limits": {"per_source": {"tls": 1}}}, "limits.per_source.tls", "unknown key"),
+    (
+        "per-source-handshakes-string",
+        {**S, "limits": {"per_source": {"handshakes": "10"}}},
+        "limits.per_source.handshakes",
+        "whole number",
+    ),
+    (
+        "per-source-connections-negative",
+        {**S, "limits": {"per_source": {"connections": -1}}},
+        "limits.per_source.connections",
+        "at least 1",
+    ),
+    (
+        "per-source-handshakes-over-max-handshakes",
+        {**S, "limits": {"max_handshakes": 20, "per_source": {"handshakes": 21}}},
+        "limits.per_source.handshakes",
+        "21 is more than limits.max_handshakes (20)",
+    ),
+    (
+        "per-source-handshakes-over-its-connections",
+        {**S, "limits": {"per_source": {"handshakes": 20, "connections": 10}}},
+        "limits.per_source.handshakes",
+        "20 is more than limits.per_source.connections (10)",
+    ),
+    (
+        "per-source-connections-over-max-connections",
+        {**S, "limits": {"max_connections": 100, "per_source": {"connections": 101}}},
+        "limits.per_source.connections",
+        "more than limits.max_connections (100)",
+    ),
+    (
+        "per-identity-over-max-connections",
+        {**S, "limits": {"max_connections": 100, "per_identity_connections": 200}},
+        "limits.per_identity_connections",
+        "more than limits.max_connections (100)",
+    ),
+    (
+        "per-identity-bool",
+        {**S, "limits": {"per_identity_connections": True}},
+        "limits.per_identity_connections",
+        "whole",
+    ),
     # unix
     ("unix-on-a-tcp-listen", {**S, "unix": {"mode": "0660"}}, "unix", "only for a unix: listen address"),
     ("unix-empty-on-a-tcp-listen", {**C, "unix": {}}, "unix", "only for a unix: listen address"),
@@ -903,6 +955,9 @@ FULL_SERVER = server_doc(
         "idle_timeout": 0,
         "max_connections": 3,
         "drain_timeout": "4m",
+        "max_handshakes": 2,
+        "per_source": {"handshakes": 1, "connections": 2},
+        "per_identity_connections": 2,
     },
 )
 FULL_CLIENT = client_doc(tls={"cert": "cert.pem", "key": "key.pem", "ca": "ca.pem", "server_name": "db"})
@@ -998,6 +1053,9 @@ def _check_outcome(outcome: Callable[[], TunnelConfig], path: Path) -> None:
         assert seconds > 0
     assert limits.idle_timeout is None or (math.isfinite(limits.idle_timeout) and limits.idle_timeout > 0)
     assert limits.max_connections >= 1
+    assert 1 <= limits.per_source_handshakes <= limits.max_handshakes <= limits.max_connections
+    assert limits.per_source_handshakes <= limits.per_source_connections <= limits.max_connections
+    assert 1 <= limits.per_identity_connections <= limits.max_connections
     assert 0 <= config.unix.mode <= 0o777
     assert config.listen.is_unix or config.unix == UnixSocket()
 
@@ -1122,3 +1180,39 @@ def test_two_tunnels_whose_listen_addresses_overlap_are_refused(tmp_path: Path) 
         load_paths([conf])
     assert info.value.key == "listen"
     assert info.value.file.endswith("b.yaml")
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ({}, (1024, 256, 32, 256, 1024)),
+        ({"max_connections": 50}, (50, 50, 32, 50, 50)),
+        ({"max_connections": 10}, (10, 10, 10, 10, 10)),
+        ({"max_connections": 50, "max_handshakes": 20}, (50, 20, 20, 50, 50)),
+        ({"per_source": {"connections": 8}}, (1024, 256, 8, 8, 1024)),
+        (
+            {
+                "max_connections": 50,
+                "max_handshakes": 20,
+                "per_source": {"handshakes": 10, "connections": 30},
+                "per_identity_connections": 5,
+            },
+            (50, 20, 10, 30, 5),
+        ),
+    ],
+)
+def test_connection_caps_default_from_max_connections(
+    tmp_path: Path, written: dict[str, Any], expected: tuple[int, ...]
+) -> None:
+    """max_handshakes = min(256, max_connections), per_source.handshakes = min(32,
+    max_handshakes, per_source.connections), per_source.connections = min(256,
+    max_connections), per_identity_connections = max_connections, unless written."""
+    make_pki_files(tmp_path)
+    limits = load_file(write_yaml(tmp_path / "t.yaml", {**S, "limits": written})).limits
+    assert (
+        limits.max_connections,
+        limits.max_handshakes,
+        limits.per_source_handshakes,
+        limits.per_source_connections,
+        limits.per_identity_connections,
+    ) == expected
