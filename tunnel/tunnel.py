@@ -167,6 +167,7 @@ class Tunnel:
         self.connections: dict[int, Connection] = {}
         self._closed_bytes = [0, 0]  # in, out: of connections that have ended
         self.listening = False
+        self.accept_failing: str | None = None  # why accept(2) keeps failing (EMFILE...), until it works again
         self._slots = _Slots(state.config.limits.max_connections)
         self._stop_accepting = trio.CancelScope()
         self._connections_scope: trio.CancelScope | None = None
@@ -306,7 +307,7 @@ class Tunnel:
         while True:
             await self._slots.acquire()
             try:
-                sock, address = await _accept(listener, self.name)
+                sock, address = await _accept(listener, self.name, self)
             except BaseException:
                 self._slots.release()
                 raise
@@ -826,14 +827,17 @@ def _close_listener(sock: socket.socket, address: Address) -> None:
             os.unlink(address.path)
 
 
-async def _accept(listener: socket.socket, name: str) -> tuple[socket.socket, Any]:
+async def _accept(listener: socket.socket, name: str, tunnel: Tunnel | None = None) -> tuple[socket.socket, Any]:
     """The next connection. Out of file descriptors or memory: log (not on every retry),
-    wait 100 ms and try again; the connection waits in the kernel backlog meanwhile."""
+    wait 100 ms and try again; the connection waits in the kernel backlog meanwhile.
+    `tunnel.accept_failing` says why while that lasts (for /healthz)."""
     failures = 0
     while True:
         try:
             sock, address = listener.accept()
         except BlockingIOError:
+            if tunnel is not None:  # it got as far as an empty queue: descriptors are back
+                tunnel.accept_failing = None
             await trio.lowlevel.wait_readable(listener)
             continue
         except OSError as exc:
@@ -849,12 +853,16 @@ async def _accept(listener: socket.socket, name: str) -> tuple[socket.socket, An
                         reason=exc.strerror,
                     )
                 failures += 1
+                if tunnel is not None:
+                    tunnel.accept_failing = exc.strerror or str(exc)
                 await trio.sleep(0.1)
                 continue
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                 continue
             raise
         if failures:
+            if tunnel is not None:
+                tunnel.accept_failing = None
             event(
                 logging.WARNING,
                 "accept_recovered",
