@@ -290,6 +290,7 @@ def run(
 @click.option("--health", is_flag=True, help="Print only the health; exit 0 if healthy, 1 if not.")
 def status(address: str, health: bool) -> None:
     """Who is connected now, and each tunnel's health (from a daemon's status address)."""
+    from tunnel.logs import escape
     from tunnel.status import StatusUnavailable, fetch, render
 
     where = _address(address)
@@ -299,7 +300,7 @@ def status(address: str, health: bool) -> None:
     except StatusUnavailable as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_FAILURE) from None
-    click.echo(health_doc.get("status", "?") if health else render(health_doc, rows))
+    click.echo(escape(str(health_doc.get("status", "?"))) if health else render(health_doc, rows))
     raise SystemExit(EXIT_OK if code == 200 else EXIT_FAILURE)
 
 

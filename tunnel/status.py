@@ -17,6 +17,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tunnel.config import Address
+from tunnel.logs import escape
 
 if TYPE_CHECKING:
     from tunnel.metrics import PrometheusMetrics
@@ -334,11 +335,15 @@ def fetch(address: Address, path: str, timeout: float = 5.0) -> tuple[int, Any]:
 
 
 def render(health_doc: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """The terminal view of `tunnel status`: each tunnel's health, then who is connected."""
-    lines = [f"status: {health_doc.get('status', '?')}"]
+    """The terminal view of `tunnel status`: each tunnel's health, then who is connected.
+    Every value shown passes through logs.escape: peers and certificate names are the
+    peer's to choose, and must neither break the table nor reach the terminal as control
+    sequences."""
+    lines = [f"status: {escape(str(health_doc.get('status', '?')))}"]
     reload = health_doc.get("reload")
     if isinstance(reload, dict):
-        lines.append(f"reload failing since {reload.get('failing_since')}: {reload.get('reason')}")
+        since, reason = (escape(str(reload.get(key))) for key in ("failing_since", "reason"))
+        lines.append(f"reload failing since {since}: {reason}")
     lines.append("")
     tunnels = health_doc.get("tunnels", {})
     lines += text_table(["TUNNEL", "STATE", "OPEN"], [
@@ -359,10 +364,12 @@ def render(health_doc: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Columns padded to their widest cell, two spaces apart; one line per row."""
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in [header, *rows]]  # fmt: skip
+    """Columns padded to their widest cell, two spaces apart; one line per row. Each cell
+    is shown as logs.escape renders it (no newline or control character gets through)."""
+    cells = [[escape(str(cell)) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in cells]  # fmt: skip
 
 
 def _size(count: int) -> str:
