@@ -8,6 +8,7 @@ import ipaddress
 import socket
 import ssl
 import subprocess
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -448,3 +449,37 @@ async def read_until_closed(stream: trio.abc.ReceiveStream) -> bytes:
     except trio.BrokenResourceError:
         pass
     return b"".join(chunks)
+
+
+def issue_hostile(ca_dir: Path, out: Path, file_name: str, cn: str, *, ou: str | None = None) -> tuple[Path, Path]:
+    """A client certificate (FILE_NAME.crt/.key in `out`) signed by the CA in ca_dir, with
+    any CN: newlines, escape sequences, 70,000 bytes; what pki.issue, and cryptography's
+    own checks (a CN of at most 64 characters), will not make."""
+    ca_cert, ca_key = ca_material(ca_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    with warnings.catch_warnings():  # "Attribute's length must be >= 1 and <= 64": the point
+        warnings.simplefilter("ignore", UserWarning)
+        attributes = [x509.NameAttribute(NameOID.COMMON_NAME, cn, _validate=False)]
+        if ou is not None:
+            attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
+        subject = x509.Name(attributes)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    crt_path, key_path = out / f"{file_name}.crt", out / f"{file_name}.key"
+    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return crt_path, key_path

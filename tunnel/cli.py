@@ -418,6 +418,7 @@ def status(address: Address, health: bool) -> None:
       tunnel status
       tunnel status 127.0.0.1:9200 --health
     """
+    from tunnel.logs import escape
     from tunnel.status import StatusUnavailable, fetch, render
 
     where = address
@@ -429,7 +430,7 @@ def status(address: Address, health: bool) -> None:
         if health:
             click.echo("unavailable")
         raise SystemExit(EXIT_FAILURE) from None
-    click.echo(health_doc.get("status", "?") if health else render(health_doc, rows))
+    click.echo(escape(str(health_doc.get("status", "?"))) if health else render(health_doc, rows))
     raise SystemExit(EXIT_OK if code == 200 else EXIT_FAILURE)
 
 

@@ -30,14 +30,36 @@ class Identity:
     ca: bool = False  # basicConstraints CA:TRUE
 
     def describe(self) -> str:
-        """A short label for log lines: the CN if there is one, else a SAN, else the hash."""
+        """A short label for log lines: the CN if there is one, else a SAN, else the hash.
+        A value over MAX_FIELD_BYTES is cut to its first 64 characters and its size:
+        `cn=aaaa...aaaa... (70000 bytes)`."""
         if self.cn:
-            return f"cn={self.cn}"
+            return f"cn={_label(self.cn)}"
         if self.uri:
-            return f"uri={self.uri[0]}"
+            return f"uri={_label(self.uri[0])}"
         if self.dns:
-            return f"dns={self.dns[0]}"
+            return f"dns={_label(self.dns[0])}"
         return f"fingerprint={self.fingerprint[:16]}"
+
+    @functools.cached_property
+    def longest_field(self) -> int:
+        """The size in bytes (UTF-8) of the longest name it holds: CN, SAN or OU (worked
+        out once: identities are cached per certificate)."""
+        values = [self.cn or "", *self.dns, *self.uri, *self.ip, *self.ou]
+        return max(len(value.encode("utf-8", "surrogatepass")) for value in values)
+
+
+# No name in a certificate we admit is longer than this many bytes (UTF-8). X.509's own
+# upper bound for a CN is 64 characters (RFC 5280 appendix A, ub-common-name); a DNS name
+# is at most 253; a URI has no bound, hence the room. Past it an identity is refused
+# before anything else: a name that long is an attack on whatever reads it next (log
+# lines, a PROXY v2 header's 64 KiB TLV).
+MAX_FIELD_BYTES = 1024
+
+
+def _label(value: str) -> str:
+    size = len(value.encode("utf-8", "surrogatepass"))
+    return value if size <= MAX_FIELD_BYTES else f"{value[:64]}... ({size} bytes)"
 
 
 def normalize_fingerprint(text: str) -> str:
@@ -144,7 +166,12 @@ def decide(identity: Identity, rule: AllowRule) -> Decision:
     case-sensitive; `dns` with each DNS subjectAltName, ignoring ASCII case (RFC 4343);
     `uri` with each URI subjectAltName, case-sensitive; `ou` with each OU attribute of the
     subject, case-sensitive; `fingerprint` with the SHA-256 of the whole DER certificate.
-    IP address subjectAltNames are matched by nothing. `profile_refusal` comes first."""
+    IP address subjectAltNames are matched by nothing. `profile_refusal` comes first.
+    An identity with a name over MAX_FIELD_BYTES is refused whatever the rule
+    (`identity too long (N bytes)`, N the longest name's size), allow.any included."""
+    longest = identity.longest_field
+    if longest > MAX_FIELD_BYTES:
+        return Decision(False, f"identity too long ({longest} bytes)")
     if rule.any:
         return Decision(True, "allow.any")
     if identity.cn is not None and identity.cn in rule.cn:

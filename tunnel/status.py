@@ -4,7 +4,7 @@ served over plain HTTP/1.1 (one request per connection) for operators and monito
 from __future__ import annotations
 
 import contextlib
-import functools
+import errno
 import json
 import logging
 import os
@@ -17,6 +17,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tunnel.config import Address
+from tunnel.logs import escape
 
 if TYPE_CHECKING:
     from tunnel.metrics import PrometheusMetrics
@@ -25,14 +26,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunnel")
 
 MAX_REQUEST = 8192
-REQUEST_TIMEOUT = 5.0
 
 
 def health(tunnels: Sequence[Tunnel]) -> tuple[bool, dict[str, Any]]:
-    """Healthy when every tunnel is listening."""
-    states = {t.name: ("listening" if t.listening else "not listening") for t in tunnels}
-    ok = bool(tunnels) and all(t.listening for t in tunnels)
+    """Healthy when every tunnel is listening and accepting: (ok, the /healthz document).
+    A tunnel's state is `listening`, `not listening`, or `accept failing: REASON` while
+    accept(2) keeps failing for want of file descriptors or memory (`Too many open
+    files`): it is bound, but new connections wait in the kernel backlog."""
+    states = {t.name: _tunnel_state(t) for t in tunnels}
+    ok = bool(tunnels) and all(state == "listening" for state in states.values())
     return ok, {"status": "ok" if ok else "unavailable", "tunnels": states}
+
+
+def _tunnel_state(tunnel: Tunnel) -> str:
+    if not tunnel.listening:
+        return "not listening"
+    if tunnel.accept_failing is not None:
+        return f"accept failing: {tunnel.accept_failing}"
+    return "listening"
 
 
 def connections(tunnels: Sequence[Tunnel]) -> list[dict[str, Any]]:
@@ -58,13 +69,108 @@ def connections(tunnels: Sequence[Tunnel]) -> list[dict[str, Any]]:
 
 Responder = Callable[[str], Awaitable[tuple[str, str, bytes]]]
 
+# The status address must never cost the tunnels their file descriptors, nor be held by
+# clients that say nothing: at most this many connections at once, each given this long
+# to send its request and this long to take the answer.
+MAX_STATUS_CONNECTIONS = 32
+REQUEST_TIMEOUT = 2.0
+RESPONSE_TIMEOUT = 5.0
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class _StatusConnections:
+    """The open status connections, oldest first, and whether each is still waiting for
+    its request; and one spare file descriptor.
+
+    A connection past the cap closes the oldest that is still waiting (an idle or slow
+    client: a monitoring probe sends its request at once), or, when every one is being
+    answered, is closed itself at once: no more than `limit` descriptors are held.
+
+    The spare (/dev/null, opened up front) is what lets /healthz answer while the daemon
+    is out of descriptors, which is when it matters most: accept(2) fails with EMFILE,
+    so the spare is closed and accept tried again at once, and the connection it brings
+    in gives its descriptor back to the spare when it closes. Both steps run without a
+    trio checkpoint in between, so no tunnel's accept can take the descriptor meanwhile."""
+
+    def __init__(self, limit: int = MAX_STATUS_CONNECTIONS) -> None:
+        self.limit = limit
+        self.open: dict[trio.SocketStream, bool] = {}  # stream -> still reading its request
+        self._spare: int | None = _open_spare()
+        self._on_spare: trio.SocketStream | None = None  # the connection using the spare's descriptor
+
+    def accept(self, sock: socket.socket) -> trio.SocketStream | None:
+        """The next connection on a listening non-blocking socket, or None for now (no
+        connection waiting, or one past the cap closed at once). OSError from accept(2),
+        but for EMFILE/ENFILE while the spare is free: then the spare is used."""
+        try:
+            conn, _ = sock.accept()
+            spare = False
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or self._spare is None:
+                raise
+            os.close(self._spare)
+            self._spare = None
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                self._spare = _open_spare()
+                raise
+            spare = True
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+        if spare:
+            self._on_spare = stream
+        if len(self.open) >= self.limit:
+            oldest = next((s for s, reading in self.open.items() if reading), None)
+            if oldest is None:
+                self.release(stream)
+                return None
+            self.release(oldest)  # its handler, waiting to read, sees ClosedResourceError
+        self.open[stream] = True
+        return stream
+
+    def answering(self, stream: trio.SocketStream) -> None:
+        if stream in self.open:
+            self.open[stream] = False
+
+    def release(self, stream: trio.SocketStream) -> None:
+        """Close the connection now (synchronously), and if it held the spare's
+        descriptor, take that back for the spare."""
+        self.open.pop(stream, None)
+        stream.socket.close()
+        if stream is self._on_spare:
+            self._on_spare = None
+            self._spare = _open_spare()
+
+    def close_spare(self) -> None:
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
 
 async def serve_http(
-    address: Address, respond: Responder, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    address: Address,
+    respond: Responder,
+    *,
+    max_connections: int = MAX_STATUS_CONNECTIONS,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `respond(path) -> (status line, content type, body)` on a TCP address, or on a
     unix socket path (a worker's private status address). Only GET is answered (405
-    otherwise), and the path reaches `respond` without its query string."""
+    otherwise), and the path reaches `respond` without its query string.
+
+    At most `max_connections` connections are open at once, over all the address's
+    listeners (see _StatusConnections for who gives way, and for the spare descriptor
+    that answers while the daemon is out of them); a client has REQUEST_TIMEOUT seconds
+    to send its request and RESPONSE_TIMEOUT seconds to take the answer. Out of file
+    descriptors with the spare in use, accepting pauses for 100 ms at a time (the
+    connection waits in the kernel backlog)."""
     if address.path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address.path)
@@ -76,31 +182,68 @@ async def serve_http(
         listeners = await trio.open_tcp_listeners(address.port, host=address.host or None)
         log.info("status listening on %s", address, extra={"event": "status_listening", "fields": {}})
     task_status.started(listeners[0].socket.getsockname())
-    await trio.serve_listeners(functools.partial(_handle, respond), listeners)
-
-
-async def _handle(respond: Responder, stream: trio.SocketStream) -> None:
+    # Plain sockets from here: accept(2) is called directly, so that the spare can be
+    # closed and the call retried with nothing in between.
+    listening = [socket.socket(fileno=listener.socket.detach()) for listener in listeners]
+    connections = _StatusConnections(max_connections)
     try:
+        async with trio.open_nursery() as nursery:
+            for each in listening:
+                each.setblocking(False)
+                nursery.start_soon(_accept_loop, each, respond, connections, nursery)
+    finally:
+        for each in listening:
+            trio.lowlevel.notify_closing(each)
+            each.close()
+        connections.close_spare()
+
+
+async def _accept_loop(
+    sock: socket.socket, respond: Responder, connections: _StatusConnections, nursery: trio.Nursery
+) -> None:
+    while True:
+        try:
+            stream = connections.accept(sock)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError as exc:
+            if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                await trio.sleep(0.1)
+                continue
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                continue
+            raise
+        if stream is not None:
+            nursery.start_soon(_handle, respond, connections, stream)
+        await trio.lowlevel.checkpoint()  # a flood of connections must not starve the answers
+
+
+async def _handle(respond: Responder, connections: _StatusConnections, stream: trio.SocketStream) -> None:
+    try:
+        request = None
         with trio.move_on_after(REQUEST_TIMEOUT):
             request = await _read_request(stream)
-            if request is None:
-                return
-            method, target = request
-            if method != "GET":
-                status, content_type, body = "405 Method Not Allowed", "text/plain", b"only GET\n"
-            else:
-                status, content_type, body = await respond(target.split("?", 1)[0])
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
+        if request is None:
+            return
+        connections.answering(stream)
+        method, target = request
+        if method != "GET":
+            status, content_type, body = "405 Method Not Allowed", "text/plain", b"only GET\n"
+        else:
+            status, content_type, body = await respond(target.split("?", 1)[0])
+        head = (
+            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        with trio.move_on_after(RESPONSE_TIMEOUT):
             await stream.send_all(head.encode() + body)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     except Exception:  # one bad request must never stop the status server
         log.exception("status request failed")
     finally:
-        await trio.aclose_forcefully(stream)
+        connections.release(stream)
 
 
 class StatusServer:
@@ -189,11 +332,15 @@ def fetch(address: Address, path: str, timeout: float = 5.0) -> tuple[int, Any]:
 
 
 def render(health_doc: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """The terminal view of `tunnel status`: each tunnel's health, then who is connected."""
-    lines = [f"status: {health_doc.get('status', '?')}"]
+    """The terminal view of `tunnel status`: each tunnel's health, then who is connected.
+    Every value shown passes through logs.escape: peers and certificate names are the
+    peer's to choose, and must neither break the table nor reach the terminal as control
+    sequences."""
+    lines = [f"status: {escape(str(health_doc.get('status', '?')))}"]
     reload = health_doc.get("reload")
     if isinstance(reload, dict):
-        lines.append(f"reload failing since {reload.get('failing_since')}: {reload.get('reason')}")
+        since, reason = (escape(str(reload.get(key))) for key in ("failing_since", "reason"))
+        lines.append(f"reload failing since {since}: {reason}")
     lines.append("")
     tunnels = health_doc.get("tunnels", {})
     lines += text_table(["TUNNEL", "STATE", "OPEN"], [
@@ -214,10 +361,12 @@ def render(health_doc: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Columns padded to their widest cell, two spaces apart; one line per row."""
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in [header, *rows]]  # fmt: skip
+    """Columns padded to their widest cell, two spaces apart; one line per row. Each cell
+    is shown as logs.escape renders it (no newline or control character gets through)."""
+    cells = [[escape(str(cell)) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in cells]  # fmt: skip
 
 
 def _size(count: int) -> str:

@@ -154,6 +154,7 @@ class Tunnel:
         self.listening = False
         self._gate = Gate(state.config.limits)  # who may take a slot (tunnel/limits.py)
         self._shed_log = ShedLog(self.name)
+        self.accept_failing: str | None = None  # why accept(2) keeps failing (EMFILE...), until it works again
         self._stop_accepting = trio.CancelScope()
         self._connections_scope: trio.CancelScope | None = None
         self._listener: socket.socket | None = None
@@ -303,7 +304,7 @@ class Tunnel:
             while True:
                 handshake = self.state.config.mode == "server"
                 await self._gate.wait_for_room(handshake=handshake, displace=tcp)
-                sock, address = await _accept(listener, self.name)
+                sock, address = await _accept(listener, self.name, self)
                 try:
                     source = source_key(address) if tcp else None
                     while (ticket := self._gate.admit(source, trio.current_time(), handshake=handshake)) is None:
@@ -854,14 +855,17 @@ def _close_listener(sock: socket.socket, address: Address) -> None:
             os.unlink(address.path)
 
 
-async def _accept(listener: socket.socket, name: str) -> tuple[socket.socket, Any]:
+async def _accept(listener: socket.socket, name: str, tunnel: Tunnel | None = None) -> tuple[socket.socket, Any]:
     """The next connection. Out of file descriptors or memory: log (not on every retry),
-    wait 100 ms and try again; the connection waits in the kernel backlog meanwhile."""
+    wait 100 ms and try again; the connection waits in the kernel backlog meanwhile.
+    `tunnel.accept_failing` says why while that lasts (for /healthz)."""
     failures = 0
     while True:
         try:
             sock, address = listener.accept()
         except BlockingIOError:
+            if tunnel is not None:  # it got as far as an empty queue: descriptors are back
+                tunnel.accept_failing = None
             await trio.lowlevel.wait_readable(listener)
             continue
         except OSError as exc:
@@ -877,12 +881,16 @@ async def _accept(listener: socket.socket, name: str) -> tuple[socket.socket, An
                         reason=exc.strerror,
                     )
                 failures += 1
+                if tunnel is not None:
+                    tunnel.accept_failing = exc.strerror or str(exc)
                 await trio.sleep(0.1)
                 continue
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                 continue
             raise
         if failures:
+            if tunnel is not None:
+                tunnel.accept_failing = None
             event(
                 logging.WARNING,
                 "accept_recovered",

@@ -5,25 +5,29 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import resource
 import socket
 import ssl
+import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from tests.helpers import PKI, free_port, server_doc, write_padded_chain, write_yaml
-from tests.process import DaemonProcess, EchoTarget, echo_once, is_closed, tls_client
+from tests.process import TUNNEL, DaemonProcess, EchoTarget, echo_once, is_closed, tls_client
 
 
 def start_server(
-    p: PKI, tmp: Path, daemons: list[DaemonProcess], target: str, **limits: Any
+    p: PKI, tmp: Path, daemons: list[DaemonProcess], target: str, *args: str, **limits: Any
 ) -> tuple[DaemonProcess, int]:
     port = free_port()
     doc = server_doc(p, target, listen=f"127.0.0.1:{port}")
     doc["limits"] = {"handshake_timeout": "1s", "connect_timeout": "1s", "drain_timeout": "1s", **limits}
-    daemon = DaemonProcess(tmp, str(write_yaml(tmp / "edge.yaml", doc)))
+    daemon = DaemonProcess(tmp, *args, str(write_yaml(tmp / "edge.yaml", doc)))
     daemons.append(daemon)
     daemon.wait_for("ready tunnels=1")
     return daemon, port
@@ -215,6 +219,85 @@ def test_running_out_of_file_descriptors_is_survived(
             time.sleep(0.2)
     daemon.wait_for_fds(baseline)
     assert daemon.process.poll() is None
+    assert daemon.stop() == 0
+
+
+def healthz(port: int, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the peer has closed `sock`, without waiting."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_connections_to_the_status_address_cost_the_tunnels_nothing(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    status = free_port()
+    daemon, port = start_server(pki_files, tmp_path, daemons, target.address, "--status", f"127.0.0.1:{status}")
+    resource.prlimit(daemon.process.pid, resource.RLIMIT_NOFILE, (128, 128))
+    baseline = daemon.open_fds()
+    idle = [socket.create_connection(("127.0.0.1", status)) for _ in range(200)]
+    try:
+        started = time.monotonic()
+        assert served(pki_files, port)
+        assert healthz(status) == (200, {"status": "ok", "tunnels": {"edge": "listening"}})
+        assert time.monotonic() - started < 1.0, "the tunnel and /healthz must answer promptly"
+        # Past the cap (32) the oldest idle ones were closed as new ones came...
+        assert sum(not closed_by_peer(sock) for sock in idle) <= 32
+        assert daemon.open_fds() <= baseline + 32
+        # ...and the rest get two seconds to say something.
+        time.sleep(2.5)
+        assert all(closed_by_peer(sock) for sock in idle)
+    finally:
+        for sock in idle:
+            sock.close()
+    daemon.wait_for_fds(baseline)
+    assert "Too many open files" not in daemon.log()
+    assert daemon.stop() == 0
+
+
+def test_healthz_says_503_while_a_tunnel_cannot_accept_and_200_once_it_can_again(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    status = free_port()
+    daemon, port = start_server(
+        pki_files, tmp_path, daemons, target.address, "--status", f"127.0.0.1:{status}", handshake_timeout="60s"
+    )
+    assert healthz(status) == (200, {"status": "ok", "tunnels": {"edge": "listening"}})
+    baseline = daemon.open_fds()
+    resource.prlimit(daemon.process.pid, resource.RLIMIT_NOFILE, (baseline + 20, baseline + 20))
+    hogs = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
+    try:
+        daemon.wait_for("Too many open files")
+        code, doc = healthz(status)
+        assert (code, doc) == (
+            503,
+            {"status": "unavailable", "tunnels": {"edge": "accept failing: Too many open files"}},
+        )
+        shown = subprocess.run([*TUNNEL, "status", f"127.0.0.1:{status}"], capture_output=True, text=True, timeout=10)
+        assert shown.returncode == 1
+        assert "edge    accept failing: Too many open files" in shown.stdout
+    finally:
+        for hog in hogs:
+            hog.close()
+    # The hogs' handshakes end at their close, the backlog is worked off, accept works again.
+    deadline = time.monotonic() + 10
+    while healthz(status)[0] != 200:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.1)
+    assert healthz(status) == (200, {"status": "ok", "tunnels": {"edge": "listening"}})
+    assert served(pki_files, port)
     assert daemon.stop() == 0
 
 

@@ -21,6 +21,7 @@ from tests.helpers import (
     backend,
     echo,
     issue_dated,
+    issue_hostile,
     read_until_closed,
     running_tunnel,
     server_doc,
@@ -466,3 +467,42 @@ async def test_a_connection_cut_by_a_reload_while_dialling_is_logged_as_closed(
     assert len(closed) == 1
     assert "identity=cn=app1" in closed[0]
     assert closed[0].endswith("why=closed on reload: no longer allowed (not allowed: matches none of allow.cn)")
+
+
+# cryptography warns when it reads a CN over 64 characters, and the tests make warnings errors.
+@pytest.mark.filterwarnings("ignore:Attribute's length must be:UserWarning")
+@pytest.mark.parametrize(
+    ("size", "reason"),
+    [
+        (20_000, "identity too long (20000 bytes)"),  # past the 1 KiB bound on a name
+        (70_000, "certificate list too long"),  # past the 32 KiB bound on what a peer may send
+    ],
+)
+async def test_a_huge_common_name_is_refused_before_the_target_is_dialled(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture, size: int, reason: str
+) -> None:
+    """A 70,000-byte CN with PROXY v2 used to dial the target, then fail with a traceback
+    and no closed line."""
+    caplog.set_level(logging.INFO, logger="tunnel")
+    crt, key = issue_hostile(pki_files.dir, tmp_path, "huge", "a" * size, ou="payments")
+    context = pki_files.client_context("")
+    context.load_cert_chain(crt, key)
+    async with backend(echo) as target:
+        doc = server_doc(pki_files, target.address, proxy_protocol="v2")  # allow.ou: payments admits it
+        async with running_tunnel(write_yaml(tmp_path / "t.yaml", doc)) as (_, address):
+            tcp = await tcp_connect(address)
+            stream = trio.SSLStream(tcp, context, server_hostname="localhost")
+            with trio.fail_after(5):
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.do_handshake()
+                    await stream.send_all(b"ping")
+                assert await read_until_closed(stream) == b""
+            await trio.aclose_forcefully(stream)
+    assert target.accepted == 0
+    messages = [r.getMessage() for r in caplog.records]
+    refused = [m for m in messages if m.startswith("refused:")]
+    assert len(refused) == 1
+    assert refused[0].startswith(f"refused: {reason} tunnel="), refused[0][:300]
+    if size == 20_000:
+        assert "identity=cn=" + "a" * 64 + f"... ({size} bytes)" in refused[0]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

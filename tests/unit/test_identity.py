@@ -363,3 +363,36 @@ def test_decide_checks_every_ou_and_san() -> None:
     identity = _identity(ou=("a", "b", "c"), uri=("urn:1", "urn:2"))
     assert decide(identity, AllowRule(ou=fs("c"))) == Decision(True, "allow.ou matched c")
     assert decide(identity, AllowRule(uri=fs("urn:2"))) == Decision(True, "allow.uri matched urn:2")
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def named(**names: object) -> Identity:
+    fields: dict[str, object] = {"cn": None, "dns": (), "uri": (), "ip": (), "ou": ()}
+    fields.update(names)
+    return Identity(**fields, fingerprint="ab" * 32, serial=1, not_after=NOT_AFTER)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("identity", "size"),
+    [
+        (named(cn="a" * 70_000), 70_000),
+        (named(cn="app1", ou=("payments", "x" * 1025)), 1025),
+        (named(uri=("spiffe://example.org/" + "u" * 2000,)), 2021),
+        (named(dns=("é" * 513,)), 1026),  # bytes (UTF-8), not characters
+    ],
+)
+def test_an_identity_with_a_name_over_1_KiB_is_refused_whatever_the_rule(identity: Identity, size: int) -> None:
+    for rule in (AllowRule(any=True), AllowRule(cn=frozenset({"app1"}), ou=frozenset({"payments"}))):
+        assert decide(identity, rule) == Decision(False, f"identity too long ({size} bytes)")
+
+
+def test_a_name_of_exactly_1_KiB_is_judged_by_the_rule() -> None:
+    assert decide(named(cn="a" * 1024), AllowRule(any=True)).allowed
+    assert decide(named(cn="a" * 1024), AllowRule(cn=frozenset({"a" * 1024}))).allowed
+
+
+def test_describe_cuts_a_name_over_1_KiB_to_its_start_and_size() -> None:
+    assert named(cn="a" * 70_000).describe() == "cn=" + "a" * 64 + "... (70000 bytes)"
+    assert named(uri=("u" * 1024,)).describe() == "uri=" + "u" * 1024
