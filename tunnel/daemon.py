@@ -133,7 +133,7 @@ class Daemon:
                         addresses[tunnel.name] = await tunnels.start(tunnel.serve)
                     helpers.start_soon(self._watch_signals, signals)
                     if self.watch_interval > 0:
-                        helpers.start_soon(self._watch_files)
+                        await helpers.start(self._watch_files)  # before ready: no change missed
                     helpers.start_soon(self._warn_about_expiry)
                     if self.worker:
                         helpers.start_soon(self._watch_supervisor, os.getppid())
@@ -295,12 +295,12 @@ class Daemon:
     def _watched(self) -> tuple[list[Path], list[Path]]:
         return watched_files(self.paths, [tunnel.state.config for tunnel in self.tunnels])
 
-    async def _watch_files(self) -> None:
+    async def _watch_files(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async def changed() -> None:
             log.info("a configuration file changed: reloading")
             await self.reload()
 
-        await watch(self._watched, changed, interval=self.watch_interval)
+        await watch(self._watched, changed, interval=self.watch_interval, task_status=task_status)
 
     # -- expiry --------------------------------------------------------------------
 

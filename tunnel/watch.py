@@ -44,11 +44,14 @@ async def watch(
     on_change: Callable[[], Awaitable[object]],
     *,
     interval: float = DEFAULT_INTERVAL,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Call `on_change` after the watched files change and then stay unchanged for one more
     poll (so a file being written is not read half-way). `sources` is asked again after
-    every call, since a reload may name new files. Runs until cancelled."""
+    every call, since a reload may name new files. Reports started once it has the files'
+    first picture: a change after that is seen. Runs until cancelled."""
     last = snapshot(*sources())
+    task_status.started()
     while True:
         await trio.sleep(interval)
         current = snapshot(*sources())

@@ -122,7 +122,7 @@ class Supervisor:
                         await self._wait_ready(self.count)
                         helpers.start_soon(self._watch_signals, signals)
                         if self.watch_interval > 0:
-                            helpers.start_soon(self._watch_files)
+                            await helpers.start(self._watch_files)  # before ready: no change missed
                         event(logging.INFO, "ready", "ready workers=%d", self.count)
                         self.notifier.ready(f"{self.count} workers listening")
                         task_status.started()
@@ -218,12 +218,12 @@ class Supervisor:
     def _watched(self) -> tuple[list[Path], list[Path]]:
         return watched_files(self.paths, self.configs)
 
-    async def _watch_files(self) -> None:
+    async def _watch_files(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async def changed() -> None:
             log.info("a configuration file changed: reloading every worker")
             await self.reload()
 
-        await watch(self._watched, changed, interval=self.watch_interval)
+        await watch(self._watched, changed, interval=self.watch_interval, task_status=task_status)
 
     # -- the status address ----------------------------------------------------------
 
