@@ -357,7 +357,7 @@ def _status_address(_ctx: click.Context, _param: click.Parameter, value: str) ->
     default=None,
     help="Processes sharing every listener (SO_REUSEPORT). Default: the largest `workers:` in the files, or 1.",
 )
-@click.option("--worker", is_flag=True, hidden=True, help="Run as one worker of a supervisor.")
+@click.option("--worker", type=int, default=None, hidden=True, help="Run as worker N of a supervisor.")
 @click.option("--worker-status", hidden=True, type=click.Path(path_type=Path), help="A worker's private status socket.")
 @_paths_argument
 def run(
@@ -366,7 +366,7 @@ def run(
     status: list[Address],
     watch_interval: float,
     workers: int | None,
-    worker: bool,
+    worker: int | None,
     worker_status: Path | None,
 ) -> None:
     """Run every tunnel named (files, or directories of *.yaml) until SIGTERM/SIGINT, which
@@ -385,11 +385,12 @@ def run(
     from tunnel.daemon import Daemon, build_states
 
     addresses = status
-    logs.setup(log_format)
     configs = load_paths(paths)
-    states = build_states(configs)
     count = workers if workers is not None else max(config.workers for config in configs)
-    if worker:
+    # With several processes every line says which one wrote it.
+    logs.setup(log_format, f"worker={worker}" if worker is not None else "supervisor" if count > 1 else None)
+    states = build_states(configs)
+    if worker is not None:
         private = [Address(path=str(worker_status))] if worker_status else []
         trio.run(Daemon(paths, states, watch_interval=0, status=private, worker=True).run)
     elif count > 1:

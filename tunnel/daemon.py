@@ -148,15 +148,27 @@ class Daemon:
     async def _watch_signals(self, signals: Any) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                log.info("reloading on SIGHUP")
+                event(logging.INFO, "reloading", "reloading on SIGHUP", reason="SIGHUP")
                 await self.reload()
             elif self.worker and self._stopping and time.monotonic() - self._stop_time < DUPLICATE_WINDOW:
                 continue  # the same stop reaching a worker twice (service manager and supervisor)
             elif not self._stopping:
-                log.info("stopping on %s: no new connections; draining open ones", signal.Signals(signum).name)
+                event(
+                    logging.INFO,
+                    "stopping",
+                    "stopping on %s: no new connections; draining open ones",
+                    signal.Signals(signum).name,
+                    reason=signal.Signals(signum).name,
+                )
                 self.stop()
             else:
-                log.info("second %s: closing every connection now", signal.Signals(signum).name)
+                event(
+                    logging.INFO,
+                    "closing_all",
+                    "second %s: closing every connection now",
+                    signal.Signals(signum).name,
+                    reason=signal.Signals(signum).name,
+                )
                 for tunnel in self.all_tunnels():
                     tunnel.abort()
 
@@ -164,7 +176,9 @@ class Daemon:
         """A worker whose supervisor is gone (killed outright) must not live on alone."""
         while os.getppid() == supervisor:  # noqa: ASYNC110 (no event tells us the parent died)
             await trio.sleep(SUPERVISOR_CHECK_EVERY)
-        log.error("worker: the supervisor (pid %d) is gone: closing everything", supervisor)
+        event(
+            logging.ERROR, "supervisor_gone", "worker: the supervisor (pid %d) is gone: closing everything", supervisor
+        )
         self._stopping = True
         for tunnel in self.all_tunnels():
             tunnel.abort()
@@ -198,7 +212,8 @@ class Daemon:
         previous = self.reload_failure
         if failure is None:
             if previous is not None:
-                log.info("reload succeeded after failing since %s", previous.describe()["failing_since"])
+                since = previous.describe()["failing_since"]
+                event(logging.INFO, "reload_recovered", "reload succeeded after failing since %s", since, since=since)
             self.reload_failure = None
             return True
         if not retry or previous is None or _NOW.sub("", previous.reason) != _NOW.sub("", failure):
@@ -268,11 +283,23 @@ class Daemon:
         for name, tunnel in current.items():
             new = states.get(name)
             if new is None:
-                log.info("tunnel %s is no longer configured: stopping it", name)
+                event(
+                    logging.INFO, "tunnel_removed", "tunnel %s is no longer configured: stopping it", name, tunnel=name
+                )
                 tunnel.stop()
                 self._retiring.append(tunnel)
             elif new.config.listen != tunnel.state.config.listen:
-                log.info("tunnel %s moves from %s to %s", name, tunnel.state.config.listen, new.config.listen)
+                old_listen, new_listen = tunnel.state.config.listen, new.config.listen
+                event(
+                    logging.INFO,
+                    "tunnel_moved",
+                    "tunnel %s moves from %s to %s",
+                    name,
+                    old_listen,
+                    new_listen,
+                    tunnel=name,
+                    listen=str(new_listen),
+                )
                 tunnel.replace_state(new)
                 tunnel.stop(drain=False)
                 self._retiring.append(tunnel)
@@ -288,7 +315,7 @@ class Daemon:
             tunnel.revalidate()
         for tunnel in self.tunnels:
             for warning in tunnel.state.warnings:
-                log.warning("certificate expires soon: %s", warning)
+                _expiring(tunnel.name, warning)
         event(logging.INFO, "reloaded", "reloaded tunnels=%d", len(self.tunnels))
         return None
 
@@ -297,7 +324,7 @@ class Daemon:
 
     async def _watch_files(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async def changed() -> None:
-            log.info("a configuration file changed: reloading")
+            event(logging.INFO, "reloading", "a configuration file changed: reloading", reason="file changed")
             await self.reload()
 
         await watch(self._watched, changed, interval=self.watch_interval, task_status=task_status)
@@ -315,16 +342,27 @@ class Daemon:
                 except ConfigError as exc:
                     warnings = [str(exc)]
                 for warning in warnings:
-                    log.warning("certificate expires soon: %s", warning)
+                    _expiring(tunnel.name, warning)
                 for crl in tunnel.state.trust.crls:
                     if crl.next_update - now < CRL_WARNING:
-                        log.warning(
+                        event(
+                            logging.WARNING,
+                            "crl_due",
                             "CRL due for refresh: tunnel=%s %s next update %s",
                             tunnel.name,
                             crl.path,
                             f"{crl.next_update:%Y-%m-%d %H:%M:%S} UTC",
+                            tunnel=tunnel.name,
+                            file=str(crl.path),
+                            next_update=crl.next_update.isoformat(),
                         )
             await trio.sleep(EXPIRY_CHECK_EVERY)
+
+
+def _expiring(tunnel: str, warning: str) -> None:
+    event(
+        logging.WARNING, "certificate_expiring", "certificate expires soon: %s", warning, tunnel=tunnel, reason=warning
+    )
 
 
 def _reload_failed(reason: str) -> None:

@@ -57,8 +57,12 @@ class TextFormatter(logging.Formatter):
     indented by two spaces and escaped, so a line that starts unindented always starts
     a record."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
+    def __init__(self, process: str | None = None) -> None:
+        where = f"{process} " if process else ""
+        super().__init__(f"%(asctime)s %(levelname)s {where}%(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return timestamp(record)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape(record.message)  # format() sets it afresh for every handler
@@ -75,16 +79,29 @@ def _indented(text: str) -> str:
     return "\n".join("  " + escape(line) for line in text.rstrip("\n").split("\n"))
 
 
+def timestamp(record: logging.LogRecord) -> str:
+    """When a record was made: UTC, ISO 8601 with milliseconds and the offset
+    (2026-11-30T10:58:20.031+00:00), the same in text and JSON lines."""
+    return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+
+
 class JSONFormatter(logging.Formatter):
-    """{"time", "level", "event", FIELDS..., "message"} and any further fields."""
+    """{"time", "level", "event", FIELDS..., "message"} and any further fields; with
+    several processes (--workers), "process" says which wrote the line."""
+
+    def __init__(self, process: str | None = None) -> None:
+        super().__init__()
+        self.process = process
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "fields", {})
         doc: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": timestamp(record),
             "level": record.levelname.lower(),
             "event": getattr(record, "event", "message"),
         }
+        if self.process:
+            doc["process"] = self.process
         for key in FIELDS:
             doc[key] = fields.get(key)
         for key, value in fields.items():
@@ -120,10 +137,12 @@ def _log_warning(
     )
 
 
-def setup(log_format: str = "text") -> None:
-    """Send the daemon's log to stderr in the chosen format, Python warnings included."""
+def setup(log_format: str = "text", process: str | None = None) -> None:
+    """Send the daemon's log to stderr in the chosen format, Python warnings included.
+    `process` ("supervisor", "worker=2") names the process in every line when there are
+    several (--workers)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(JSONFormatter(process) if log_format == "json" else TextFormatter(process))
     # The logging HOWTO's "Optimization" switches: no caller lookup (a walk up the stack),
     # thread, process or multiprocessing names per record; the lines never show them.
     logging._srcfile = None

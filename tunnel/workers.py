@@ -138,7 +138,7 @@ class Supervisor:
             "-m",
             "tunnel.cli",
             "run",
-            "--worker",
+            f"--worker={index}",
             f"--worker-status={self._status_path(index)}",
             f"--log-format={self.log_format}",
             "--watch-interval=0",
@@ -164,9 +164,19 @@ class Supervisor:
                     await process.wait()
             if self._stopping:
                 if code != 0:
-                    log.error("worker %d exited with %d", index, code)
+                    event(
+                        logging.ERROR, "worker_exited", "worker %d exited with %d", index, code, worker=index, code=code
+                    )
                 return
-            log.error("worker %d exited with %d; starting it again", index, code)
+            event(
+                logging.ERROR,
+                "worker_exited",
+                "worker %d exited with %d; starting it again",
+                index,
+                code,
+                worker=index,
+                code=code,
+            )
             await trio.sleep(RESTART_DELAY)
             if self._stopping:  # the stop came while we waited: it would never reach a new one
                 return
@@ -184,7 +194,7 @@ class Supervisor:
             while self._ready < count:
                 await self._ready_changed.wait()
         if scope.cancelled_caught:
-            log.error("only %d of %d workers reported ready", self._ready, count)
+            event(logging.ERROR, "workers_not_ready", "only %d of %d workers reported ready", self._ready, count)
 
     # -- signals and reload ----------------------------------------------------------
 
@@ -201,7 +211,13 @@ class Supervisor:
                 if not self._stopping:
                     self._stopping = True
                     self.notifier.stopping()
-                    log.info("stopping on %s: passing it to every worker", signal.Signals(signum).name)
+                    event(
+                        logging.INFO,
+                        "stopping",
+                        "stopping on %s: passing it to every worker",
+                        signal.Signals(signum).name,
+                        reason=signal.Signals(signum).name,
+                    )
                 self._send_all(signum)
 
     async def reload(self) -> None:
@@ -220,7 +236,9 @@ class Supervisor:
 
     async def _watch_files(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async def changed() -> None:
-            log.info("a configuration file changed: reloading every worker")
+            event(
+                logging.INFO, "reloading", "a configuration file changed: reloading every worker", reason="file changed"
+            )
             await self.reload()
 
         await watch(self._watched, changed, interval=self.watch_interval, task_status=task_status)

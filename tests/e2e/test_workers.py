@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -208,3 +209,46 @@ def _state(pid: int) -> str:
         return (Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]).lower()
     except (FileNotFoundError, IndexError):
         return "zombie"
+
+
+TEXT_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 (INFO|WARNING|ERROR) (supervisor|worker=[01]) \S"
+)
+
+
+def test_every_log_line_says_which_process_wrote_it_in_utc(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, _, _ = start(pki_files, tmp_path, daemons, target)
+    daemon.reload()
+    assert daemon.stop() == 0
+    lines = daemon.log().splitlines()
+    assert lines
+    for line in lines:
+        assert TEXT_LINE.match(line), line
+    assert any(" worker=0 " in line for line in lines)
+    assert any(" worker=1 " in line for line in lines)
+
+
+def test_json_lines_name_their_process_and_their_reload_and_signal_events(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    port = free_port()
+    doc = server_doc(pki_files, target.address, listen=f"127.0.0.1:{port}")
+    path = write_yaml(tmp_path / "edge.yaml", doc)
+    daemon = DaemonProcess(tmp_path, "--workers", "2", "--log-format", "json", str(path))
+    daemons.append(daemon)
+    daemon.wait_for('"event": "ready"', timeout=20)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for('"event": "reloaded"', count=2, timeout=20)  # each worker
+    assert daemon.stop() == 0
+    records = [json.loads(line) for line in daemon.log().splitlines()]
+    for record in records:
+        assert record["time"].endswith("+00:00"), record
+        assert record["process"] in ("supervisor", "worker=0", "worker=1"), record
+    events = {(r["process"], r["event"]) for r in records}
+    assert ("worker=0", "reloading") in events
+    assert ("worker=1", "reloading") in events
+    assert ("supervisor", "stopping") in events
+    assert ("worker=0", "stopping") in events
+    assert not [r for r in records if r["event"] == "message" and "reload" in r["message"]]
