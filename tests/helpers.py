@@ -483,3 +483,20 @@ def issue_hostile(ca_dir: Path, out: Path, file_name: str, cn: str, *, ou: str |
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return crt_path, key_path
+
+
+async def expect_refused(connect: Callable[[], Awaitable[trio.SSLStream[trio.SocketStream]]]) -> None:
+    """Connect (TLS) and expect the tunnel to end the connection without any data, during
+    the handshake or, in TLS 1.3, after the client's side of it."""
+    with trio.fail_after(5):
+        try:
+            stream = await connect()
+        except (trio.BrokenResourceError, ssl.SSLError):
+            return  # refused during the handshake
+        async with stream:
+            try:
+                await stream.send_all(b"let me in")
+                data = await stream.receive_some()
+            except trio.BrokenResourceError:
+                return  # TLS 1.3: the refusal arrives after the client's side of the handshake
+            assert data == b"", "a refused client must not get data"

@@ -21,8 +21,8 @@ from tests.helpers import PKI, free_port, issue_hostile, server_doc, write_yaml
 from tests.process import TUNNEL, DaemonProcess, EchoTarget, echo_once, is_closed
 from tunnel.logs import escape
 
-FORGED = "\n2026-01-01 00:00:00,000 INFO opened tunnel=edge peer=forged\x1b[31m"
-TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) \S")
+FORGED = "\n2026-01-01T00:00:00.000+00:00 INFO opened tunnel=edge peer=forged\x1b[31m"
+TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 (INFO|WARNING|ERROR) \S")
 
 
 def assert_one_record_per_line(log: str) -> None:
