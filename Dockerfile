@@ -1,11 +1,15 @@
-# tunnel: the mutual-TLS tunnel daemon in a small image. Usage: docs/deploy.md.
+# tunnel: the mutual-TLS tunnel daemon in a small image. Usage: docs/deploy.md, "Docker".
 #
 #   docker build -t tunnel .
-#   docker run -d --name tunnel-redis --stop-timeout 45 -p 6380:6380 \
-#       -v ./config/redis.yaml:/etc/tunnel/redis.yaml:ro -v ./certs:/etc/tunnel/certs:ro tunnel
+#   docker run -d --name tunnel-redis --network redis-net --stop-timeout 45 -p 6380:6380 \
+#       --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+#       -v "$PWD/docs/container/redis.yaml:/etc/tunnel/redis.yaml:ro" \
+#       -v "$PWD/tunnel-certs:/etc/tunnel/certs:ro" tunnel
 #
-# scripts/check-deploy.sh lints this file with hadolint and repeats the build stage's
-# install steps in a fresh virtualenv (CI has no Docker engine).
+# docs/container/redis.yaml is made for the container (listens on 0.0.0.0, names its files
+# under /etc/tunnel/certs); tunnel-certs/ holds only redis.crt, redis.key, ca.crt and
+# crl.pem, never the CA key. scripts/check-image.sh builds this file with podman and runs
+# the image so, beside Redis; scripts/check-deploy.sh lints it with hadolint.
 
 # --- build: the package and its dependencies in a virtualenv at /opt/tunnel ----------
 FROM python:3.11-slim-bookworm AS build
@@ -24,8 +28,8 @@ COPY --from=build /opt/tunnel /opt/tunnel
 ENV PATH="/opt/tunnel/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-# A fixed UID/GID (10001) so that mounted private keys can be made readable to it:
-# chgrp 10001 certs certs/*.key && chmod 0750 certs && chmod 0640 certs/*.key
+# A fixed UID/GID (10001) so that the mounted private key can be made readable to it:
+# the certificate directory root:10001 0750, the key root:10001 0640 (docs/deploy.md).
 RUN groupadd --system --gid 10001 tunnel \
     && useradd --system --no-log-init --uid 10001 --gid tunnel \
         --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin tunnel \

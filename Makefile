@@ -9,7 +9,7 @@ SSLYZE_STAMP := .venv-sslyze/.installed-$(SSLYZE_VERSION)
 # The benchmark has a virtualenv of its own (the tunnel + matplotlib, kept out of the tests').
 BENCH_STAMP := .venv-bench/.installed
 
-.PHONY: demo test lint unit bench bench-smoke clean deploy-check
+.PHONY: demo test lint unit bench bench-smoke clean deploy-check image-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench-smoke: $(BENCH_STAMP)
 # systemd unit, Dockerfile, compose.yaml (docs/deploy.md, "What CI checks").
 deploy-check:
 	bash scripts/check-deploy.sh
+
+# Build the image with podman and run it with docs/container/ beside Redis (root only;
+# docs/deploy.md, "What CI checks").
+image-check:
+	bash scripts/check-image.sh
 
 clean:
 	rm -rf $(VENV) .venv-sslyze .venv-tools .venv-bench build *.egg-info .pytest_cache .mypy_cache .ruff_cache

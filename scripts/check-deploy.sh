@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Check the deployment files without a running systemd or a Docker engine (CI has neither):
+# Check the deployment files without a running systemd (CI has none) or a container engine
+# (scripts/check-image.sh builds and runs the image with podman):
 #
 #   1. the build context that .dockerignore leaves, and the Dockerfile's install steps
 #      repeated in a fresh virtualenv (Debian's python3, as docs/deploy.md installs it);
 #   2. `tunnel check` on a generated CA, certificates and tunnel file, and on the compose
-#      example tunnel files;
+#      example tunnel files; docs/deploy.md quotes docs/container/redis.yaml as it is
+#      (scripts/check-image.sh runs that file in the image);
 #   3. systemd/tunnel@.service: `systemd-analyze verify` (no output allowed) and
 #      `systemd-analyze security` (overall exposure at most $MAX_EXPOSURE);
 #   4. the daemon under the unit's sandbox, rebuilt by hand: as `nobody`, with the unit's
@@ -189,6 +191,17 @@ mkdir "$work/compose"
 cp docs/compose/*.yaml "$work/compose/"
 ln -s "$certs" "$work/compose/certs"
 "$tunnel" check "$work/compose"
+# The container example (run in the image by scripts/check-image.sh): docs/deploy.md shows it
+# as it is, comments aside.
+$PY - <<'PY'
+import sys
+from pathlib import Path
+
+body = "".join(l for l in Path("docs/container/redis.yaml").read_text().splitlines(True) if not l.startswith("#"))
+if body not in Path("docs/deploy.md").read_text():
+    sys.exit("FAIL: docs/deploy.md does not show docs/container/redis.yaml as it is")
+print("ok: docs/deploy.md shows docs/container/redis.yaml as it is")
+PY
 
 # --- 3. systemd unit -------------------------------------------------------------------------
 step "systemd unit: verify and security"
