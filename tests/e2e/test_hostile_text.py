@@ -33,7 +33,7 @@ def assert_one_record_per_line(log: str) -> None:
 
 def records(log: str, start: str) -> list[str]:
     """The messages (after time and level) of the log lines that start with `start`."""
-    return [m for line in log.splitlines() if (m := line.split(" ", 3)[3]).startswith(start)]
+    return [m for line in log.splitlines() if (m := line.split(" ", 2)[2]).startswith(start)]
 
 
 def hostile_client(p: PKI, tmp: Path, cn: str, *, ou: str | None = None) -> ssl.SSLContext:
