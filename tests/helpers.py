@@ -24,7 +24,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tunnel import pki
 from tunnel.config import load_file
-from tunnel.tunnel import Tunnel, TunnelState
+from tunnel.state import TunnelState
+from tunnel.tunnel import Tunnel
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,15 @@ class Address:
         return f"{self.host}:{self.port}"
 
 
+def format_sockaddr(address: Any) -> str:
+    """A socket address as accept(), getsockname() or getaddrinfo() give it, written as
+    in a tunnel file: `HOST:PORT`, `[V6]:PORT`, `unix:PATH` (`unix` for an unnamed one)."""
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "unix" if not address else f"unix:{address}"
+
+
 @dataclass(frozen=True)
 class TLSConfig:
     cert: Path

@@ -29,9 +29,10 @@ from tunnel.config import (
 from tunnel.logs import event
 from tunnel.metrics import PrometheusMetrics
 from tunnel.notify import Notifier
+from tunnel.state import TunnelState
 from tunnel.status import StatusServer, start_status
 from tunnel.trust import check_certificates
-from tunnel.tunnel import Tunnel, TunnelState
+from tunnel.tunnel import Tunnel
 from tunnel.watch import DEFAULT_INTERVAL, watch
 
 log = logging.getLogger("tunnel")

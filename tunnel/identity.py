@@ -13,6 +13,8 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from tunnel.outcomes import PEER_IS_A_CA, Outcome, refusal
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -112,7 +114,7 @@ def identity_from_certificate(cert: x509.Certificate, der: bytes | None = None) 
     )
 
 
-def profile_refusal(identity: Identity) -> str | None:
+def profile_refusal(identity: Identity) -> Outcome | None:
     """Why a peer's certificate is refused whatever `allow` says, or None: the same in
     both modes (a client's certificate, a server's). A CA certificate (basicConstraints
     CA:TRUE, RFC 5280 section 4.2.1.9) is for signing certificates, not for a peer to
@@ -120,9 +122,9 @@ def profile_refusal(identity: Identity) -> str | None:
     on which is meant (OpenSSL-based ones and this tunnel read the first, Go's crypto/x509
     the last), so a rule written against one reading could admit the other's."""
     if identity.ca:
-        return "peer certificate is a CA"
+        return PEER_IS_A_CA
     if len(identity.cns) > 1:
-        return f"ambiguous identity: {len(identity.cns)} common names"
+        return refusal("ambiguous identity", f"{len(identity.cns)} common names")
     return None
 
 
@@ -158,6 +160,12 @@ class Decision:
 
     allowed: bool
     reason: str
+    label: str = ""  # a refusal's metric label (outcomes.Outcome), chosen here
+
+    @property
+    def refusal(self) -> Outcome:
+        """The refusal, as an outcome (only for a decision that refuses)."""
+        return Outcome(self.label, self.reason)
 
 
 def decide(identity: Identity, rule: AllowRule) -> Decision:
@@ -171,7 +179,7 @@ def decide(identity: Identity, rule: AllowRule) -> Decision:
     (`identity too long (N bytes)`, N the longest name's size), allow.any included."""
     longest = identity.longest_field
     if longest > MAX_FIELD_BYTES:
-        return Decision(False, f"identity too long ({longest} bytes)")
+        return Decision(False, f"identity too long ({longest} bytes)", "identity too long")
     if rule.any:
         return Decision(True, "allow.any")
     if identity.cn is not None and identity.cn in rule.cn:
@@ -188,4 +196,4 @@ def decide(identity: Identity, rule: AllowRule) -> Decision:
     if identity.fingerprint in rule.fingerprint:
         return Decision(True, "allow.fingerprint matched")
     used = [f"allow.{key}" for key in ("cn", "dns", "uri", "ou", "fingerprint") if getattr(rule, key)]
-    return Decision(False, "not allowed: matches none of " + (", ".join(used) or "an empty allow"))
+    return Decision(False, "not allowed: matches none of " + (", ".join(used) or "an empty allow"), "not allowed")

@@ -54,6 +54,7 @@ import trio
 
 from tunnel.config import Limits
 from tunnel.logs import event
+from tunnel.outcomes import Outcome
 
 # Longest a real handshake is expected to take before it may be displaced (see above).
 DISPLACE_AFTER = 1.0
@@ -210,16 +211,17 @@ class Gate:
         victim.displaced = True
         victim.cancel_scope.cancel()
 
-    def admitted(self, ticket: Ticket, identity: str) -> str | None:
+    def admitted(self, ticket: Ticket, identity: str) -> Outcome | None:
         """The allow rules admitted this connection's peer, `identity` (as logged): it
         gives back its handshake slot. Why to refuse it (per_identity_connections), or None."""
         if ticket.released:
             return None  # displaced meanwhile: its cancellation is on its way
         self._end_handshake(ticket)
         if self._identities[identity] >= self.limits.per_identity_connections:
-            return (
+            return Outcome(
+                "too many connections",
                 f"too many connections for {identity} ({self._identities[identity]} open,"
-                f" limits.per_identity_connections)"
+                " limits.per_identity_connections)",
             )
         self._identities[identity] += 1
         ticket.identity = identity

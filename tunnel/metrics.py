@@ -9,25 +9,44 @@ the byte pump pays nothing for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from tunnel.tunnel import Tunnel
+from tunnel.outcomes import Outcome
 
 _M = TypeVar("_M", Counter, Histogram)
 
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class Observed(Protocol):
+    """What the collector reads off a tunnel at scrape time (tunnel.Tunnel is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def connections(self) -> Sized: ...
+    @property
+    def listening(self) -> bool: ...
+    @property
+    def handshaking(self) -> int: ...
+    def bytes_moved(self) -> tuple[int, int]: ...
+    @property
+    def expiries(self) -> list[tuple[Path, datetime]]: ...
+    @property
+    def crl_next_update(self) -> datetime | None: ...
+
+
 class Metrics(Protocol):
     def opened(self, tunnel: str) -> None: ...
-    def closed(self, tunnel: str, why: str) -> None: ...
-    def refused(self, tunnel: str, reason: str) -> None: ...
+    def closed(self, tunnel: str, end: Outcome) -> None: ...
+    def refused(self, tunnel: str, reason: Outcome) -> None: ...
     def shed(self, tunnel: str, reason: str) -> None: ...
     def handshake_seconds(self, tunnel: str, seconds: float) -> None: ...
     def connect_seconds(self, tunnel: str, seconds: float) -> None: ...
@@ -40,10 +59,10 @@ class NoMetrics:
     def opened(self, tunnel: str) -> None:
         pass
 
-    def closed(self, tunnel: str, why: str) -> None:
+    def closed(self, tunnel: str, end: Outcome) -> None:
         pass
 
-    def refused(self, tunnel: str, reason: str) -> None:
+    def refused(self, tunnel: str, reason: Outcome) -> None:
         pass
 
     def shed(self, tunnel: str, reason: str) -> None:
@@ -59,35 +78,10 @@ class NoMetrics:
         pass
 
 
-def refusal_label(reason: str) -> str:
-    """A bounded label for a refusal reason: `not allowed: matches none of ...` → `not allowed`,
-    `too many connections for cn=app1 (...)` → `too many connections`."""
-    if reason.startswith("too many connections"):
-        return "too many connections"
-    return reason.split(":", 1)[0].split(" (", 1)[0].strip() or "unknown"
-
-
-def close_label(why: str) -> str:
-    """A bounded label for why a connection ended."""
-    if why == "both sides closed":
-        return "done"
-    if why.startswith("idle for"):
-        return "idle"
-    if why.startswith("client:"):
-        return "client error"
-    if why.startswith("target:"):
-        return "target error"
-    if why.startswith("closed on reload"):
-        return "reload"
-    if why.startswith("target unavailable"):
-        return "target unavailable"
-    return "shutdown"
-
-
 class PrometheusMetrics:
     """Metrics kept in a registry of its own (never the process-wide default)."""
 
-    def __init__(self, tunnels: Callable[[], Sequence[Tunnel]]) -> None:
+    def __init__(self, tunnels: Callable[[], Sequence[Observed]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._opened = Counter("tunnel_connections_opened", "Connections relayed.", ["tunnel"], registry=r)
@@ -130,11 +124,11 @@ class PrometheusMetrics:
     def opened(self, tunnel: str) -> None:
         self._child(self._opened, tunnel).inc()
 
-    def closed(self, tunnel: str, why: str) -> None:
-        self._child(self._closed, tunnel, close_label(why)).inc()
+    def closed(self, tunnel: str, end: Outcome) -> None:
+        self._child(self._closed, tunnel, end.label).inc()
 
-    def refused(self, tunnel: str, reason: str) -> None:
-        self._child(self._refused, tunnel, refusal_label(reason)).inc()
+    def refused(self, tunnel: str, reason: Outcome) -> None:
+        self._child(self._refused, tunnel, reason.label).inc()
 
     def shed(self, tunnel: str, reason: str) -> None:
         self._child(self._shed, tunnel, reason).inc()  # reason: one of tunnel.limits.SHED_*
@@ -166,7 +160,7 @@ class PrometheusMetrics:
 class _LiveCollector(Collector):
     """Reads bytes, active connections and certificate times off the running tunnels."""
 
-    def __init__(self, tunnels: Callable[[], Sequence[Tunnel]]) -> None:
+    def __init__(self, tunnels: Callable[[], Sequence[Observed]]) -> None:
         self._tunnels = tunnels
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
@@ -200,10 +194,10 @@ class _LiveCollector(Collector):
             bytes_in, bytes_out = tunnel.bytes_moved()
             moved.add_metric([name, "in"], bytes_in)
             moved.add_metric([name, "out"], bytes_out)
-            for path, when in tunnel.state.expiries:
+            for path, when in tunnel.expiries:
                 not_after.add_metric([name, str(path)], when.timestamp())
-            if tunnel.state.trust.crl_next_update is not None:
-                crl.add_metric([name], tunnel.state.trust.crl_next_update.timestamp())
+            if tunnel.crl_next_update is not None:
+                crl.add_metric([name], tunnel.crl_next_update.timestamp())
         yield from (active, handshaking, listening, moved, not_after, crl)
 
 

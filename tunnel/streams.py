@@ -44,6 +44,8 @@ import struct
 
 import trio
 
+from tunnel.outcomes import ssl_reason
+
 RECEIVE_SIZE = 256 * 1024
 _CHECKPOINT_EVERY = 8
 # Scratch buffers: filled and copied out with no await in between, so one per process.
@@ -460,16 +462,6 @@ def _os_reason(exc: OSError) -> str:
     if isinstance(exc, BrokenPipeError):
         return "broken pipe"
     return exc.strerror or str(exc)
-
-
-def ssl_reason(exc: ssl.SSLError) -> str:
-    """`TLS error: ` and OpenSSL's reason in words (`TLS error: wrong version number`)."""
-    return "TLS error: " + ssl_words(exc)
-
-
-def ssl_words(exc: ssl.SSLError) -> str:
-    """OpenSSL's reason code in words (`WRONG_VERSION_NUMBER` → `wrong version number`)."""
-    return str(exc.reason).replace("_", " ").lower() if exc.reason else str(exc)
 
 
 Stream = PlainStream | TLSStream

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from tunnel.config import ConfigError, TLSConfig, TunnelConfig
 from tunnel.openssl import set_groups, set_max_cert_list
+from tunnel.outcomes import ssl_words
 from tunnel.passwords import read_password_file
 from tunnel.session_cache import use_session_cache
-from tunnel.streams import ssl_words
 
 # Mozilla "intermediate" TLS 1.2 suites (TLS 1.3 suites are all AEAD and always on).
 TLS12_CIPHERS = ":".join(

@@ -48,10 +48,23 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tunnel.config import ConfigError, TLSConfig, TunnelConfig
 from tunnel.identity import identity_from_certificate, profile_refusal
+from tunnel.outcomes import (
+    CERTIFICATE_EXPIRED,
+    CERTIFICATE_NOT_YET_VALID,
+    CRL_EXPIRED,
+    CRL_UNAVAILABLE,
+    REVOKED,
+    Outcome,
+    refusal,
+)
 
 
 class PathError(Exception):
-    """No acceptable path from a certificate to an anchor; the message says why."""
+    """No acceptable path from a certificate to an anchor; `outcome` says why."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.text)
+        self.outcome = outcome
 
 
 @dataclass(frozen=True)
@@ -118,11 +131,11 @@ class Trust:
         `presented` intermediates and those of tls.ca. PathError says why there is none:
         the leaf's dates, or no path (an unknown CA, an expired or missing intermediate)."""
         if leaf.not_valid_after_utc <= now:
-            raise PathError("certificate expired")
+            raise PathError(CERTIFICATE_EXPIRED)
         if leaf.not_valid_before_utc > now:
-            raise PathError("certificate not yet valid")
+            raise PathError(CERTIFICATE_NOT_YET_VALID)
         if not self.anchors:
-            raise PathError("no self-signed CA certificate to anchor a path")
+            raise PathError(refusal("unknown CA", "(no self-signed CA certificate in tls.ca to anchor a path)"))
         builder = (
             verification.PolicyBuilder()
             .store(verification.Store(list(self.anchors)))
@@ -135,34 +148,34 @@ class Trust:
         try:
             verified = builder.build_client_verifier().verify(leaf, [*presented, *self.intermediates])
         except verification.VerificationError as exc:
-            raise PathError(f"unknown CA (no path to an anchor in tls.ca: {exc})") from None
+            raise PathError(refusal("unknown CA", f"(no path to an anchor in tls.ca: {exc})")) from None
         return list(verified.chain)
 
-    def revocation(self, path: Sequence[x509.Certificate], now: datetime) -> str | None:
+    def revocation(self, path: Sequence[x509.Certificate], now: datetime) -> Outcome | None:
         """Why a path is not acceptable under the CRLs ("revoked", "CRL expired", "CRL
         unavailable"), or None. Every certificate is checked, the anchor included, against
         the CRL of its issuer (X509_V_FLAG_CRL_CHECK_ALL)."""
         if not self.crls:
             return None
         if any(c.next_update <= now for c in self.crls):
-            return "CRL expired"
+            return CRL_EXPIRED
         for index, cert in enumerate(path):
             issuer = path[min(index + 1, len(path) - 1)]
             crl = self._crl_of(issuer)
             if crl is None:
-                return "CRL unavailable"
+                return CRL_UNAVAILABLE
             if cert.serial_number in crl.revoked:
-                return "revoked" if index == 0 else f"revoked (its CA {cert.subject.rfc4514_string()})"
+                return REVOKED if index == 0 else refusal("revoked", f"(its CA {cert.subject.rfc4514_string()})")
         return None
 
-    def refusal(self, chain_der: Sequence[bytes], now: datetime) -> str | None:
+    def refusal(self, chain_der: Sequence[bytes], now: datetime) -> Outcome | None:
         """Why a peer's presented chain (leaf first, DER) would be refused by a full
         handshake under this trust now, or None if it would pass."""
         leaf, *rest = (x509.load_der_x509_certificate(der) for der in chain_der)
         try:
             path = self.path(leaf, rest, now)
         except PathError as exc:
-            return str(exc)
+            return exc.outcome
         return self.revocation(path, now)
 
     def _crl_of(self, issuer: x509.Certificate) -> RevocationList | None:
@@ -471,7 +484,7 @@ class PeerRecords:
         if len(self._records) > self.LIMIT:
             self._records.popitem(last=False)
 
-    def resumption_refusal(self, leaf_der: bytes, now: datetime) -> str | None:
+    def resumption_refusal(self, leaf_der: bytes, now: datetime) -> Outcome | None:
         """Why a resumed session with this leaf must be refused now, or None: what a full
         handshake would say once its verdict has lapsed (or was never recorded)."""
         record = self._records.get(leaf_der)

@@ -25,8 +25,9 @@ from tests.helpers import (
 )
 from tunnel import pki
 from tunnel.config import ConfigError, load_file
+from tunnel.state import TunnelState
 from tunnel.trust import check_certificates, load_trust
-from tunnel.tunnel import Tunnel, TunnelState
+from tunnel.tunnel import Tunnel
 
 
 @dataclass(frozen=True)

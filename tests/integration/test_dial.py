@@ -13,7 +13,7 @@ import trio
 
 from tests.helpers import backend, echo
 from tunnel.config import Address, parse_address
-from tunnel.tunnel import TargetUnavailable, dial, dial_any
+from tunnel.dial import TargetUnavailable, dial, dial_any
 
 
 def full_unix_listener(path: Path) -> tuple[socket.socket, list[socket.socket]]:

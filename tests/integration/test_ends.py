@@ -22,7 +22,7 @@ from tests.helpers import (
     write_yaml,
 )
 from tunnel.config import load_file
-from tunnel.tunnel import TunnelState
+from tunnel.state import TunnelState
 
 
 async def how_it_ends(stream: trio.abc.ReceiveStream) -> str:

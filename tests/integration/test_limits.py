@@ -19,14 +19,16 @@ import trio
 from tests.helpers import PKI, backend, echo, expect_refused, hostport, server_doc, write_yaml
 from tunnel.config import load_file
 from tunnel.metrics import PrometheusMetrics
-from tunnel.tunnel import Tunnel, TunnelState
+from tunnel.state import TunnelState
+from tunnel.tunnel import Tunnel
 
 
 @asynccontextmanager
 async def tunnel_with_metrics(path: Path) -> AsyncIterator[tuple[Tunnel, str, PrometheusMetrics]]:
-    tunnel = Tunnel(TunnelState.build(load_file(path)))
-    metrics = PrometheusMetrics(lambda: [tunnel])
-    tunnel.metrics = metrics
+    tunnels: list[Tunnel] = []
+    metrics = PrometheusMetrics(lambda: tunnels)
+    tunnel = Tunnel(TunnelState.build(load_file(path)), metrics)
+    tunnels.append(tunnel)
     async with trio.open_nursery() as nursery:
         address = await nursery.start(tunnel.serve)
         yield tunnel, hostport(address) if isinstance(address, tuple) else str(address), metrics

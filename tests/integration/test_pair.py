@@ -35,7 +35,8 @@ from tests.helpers import (
 )
 from tunnel.config import load_file
 from tunnel.metrics import PrometheusMetrics
-from tunnel.tunnel import Tunnel, TunnelState
+from tunnel.state import TunnelState
+from tunnel.tunnel import Tunnel
 
 
 @asynccontextmanager

@@ -29,7 +29,7 @@ from tests.helpers import (
     write_yaml,
 )
 from tunnel.config import ConfigError, load_file
-from tunnel.tunnel import TunnelState
+from tunnel.state import TunnelState
 
 
 @pytest.fixture(scope="module")

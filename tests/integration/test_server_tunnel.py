@@ -33,7 +33,7 @@ from tests.helpers import (
     write_yaml,
 )
 from tunnel.config import load_file
-from tunnel.tunnel import TunnelState
+from tunnel.state import TunnelState
 
 
 async def roundtrip(p: PKI, address: str, name: str) -> bytes:

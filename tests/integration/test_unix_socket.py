@@ -34,8 +34,10 @@ from tests.helpers import (
 )
 from tunnel.config import Address, UnixSocket, load_paths
 from tunnel.daemon import Daemon, build_states
+from tunnel.listener import bind_listener
 from tunnel.metrics import PrometheusMetrics
-from tunnel.tunnel import Tunnel, TunnelState, bind_listener
+from tunnel.state import TunnelState
+from tunnel.tunnel import Tunnel
 
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to connect as other uids")
@@ -182,9 +184,10 @@ async def test_a_user_not_in_allow_users_is_refused_and_the_target_never_dialled
     async with backend(echo) as target:
         doc = client_doc(pki_files, target.address, listen=f"unix:{sock}", unix={"allow_users": ["nobody"]})
         state = TunnelState.build(load_paths([write_yaml(tmp_path / "client.yaml", doc)])[0])
-        tunnel = Tunnel(state)
-        metrics = PrometheusMetrics(lambda: [tunnel])
-        tunnel.metrics = metrics
+        tunnels: list[Tunnel] = []
+        metrics = PrometheusMetrics(lambda: tunnels)
+        tunnel = Tunnel(state, metrics)
+        tunnels.append(tunnel)
         async with trio.open_nursery() as nursery:
             await nursery.start(tunnel.serve)
             assert await ping(sock) == b""

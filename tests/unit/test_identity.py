@@ -151,7 +151,8 @@ def test_basic_constraints_ca_is_read(ca: bool | None, expected: bool) -> None:
     ],
 )
 def test_profile_refusal(cert: tuple[x509.Certificate, bytes], reason: str | None) -> None:
-    assert profile_refusal(identity_from_der(cert[1])) == reason
+    refusal = profile_refusal(identity_from_der(cert[1]))
+    assert (refusal.text if refusal else None) == reason
 
 
 def test_profile_refusal_is_whatever_the_allow_rule() -> None:
@@ -300,51 +301,67 @@ def fs(*items: str) -> frozenset[str]:
         ),
         pytest.param(
             AllowRule(cn=fs("app2"), dns=fs("app2.internal")),
-            Decision(False, "not allowed: matches none of allow.cn, allow.dns"),
+            Decision(False, "not allowed: matches none of allow.cn, allow.dns", "not allowed"),
             id="no-match-names-lists-in-use",
         ),
         pytest.param(
             AllowRule(uri=fs("spiffe://example.org/app2"), fingerprint=fs("00" * 32)),
-            Decision(False, "not allowed: matches none of allow.uri, allow.fingerprint"),
+            Decision(False, "not allowed: matches none of allow.uri, allow.fingerprint", "not allowed"),
             id="no-match-uri-fingerprint",
         ),
         pytest.param(
             AllowRule(cn=fs("a"), dns=fs("b"), uri=fs("c"), ou=fs("d"), fingerprint=fs("e")),
-            Decision(False, "not allowed: matches none of allow.cn, allow.dns, allow.uri, allow.ou, allow.fingerprint"),
+            Decision(
+                False,
+                "not allowed: matches none of allow.cn, allow.dns, allow.uri, allow.ou, allow.fingerprint",
+                "not allowed",
+            ),
             id="no-match-every-list",
         ),
         pytest.param(
-            AllowRule(), Decision(False, "not allowed: matches none of an empty allow"), id="empty-admits-nobody"
+            AllowRule(),
+            Decision(False, "not allowed: matches none of an empty allow", "not allowed"),
+            id="empty-admits-nobody",
         ),
         pytest.param(
-            AllowRule(any=False), Decision(False, "not allowed: matches none of an empty allow"), id="any-false"
+            AllowRule(any=False),
+            Decision(False, "not allowed: matches none of an empty allow", "not allowed"),
+            id="any-false",
         ),
         # Lists are matched only against their own kind of name.
         pytest.param(
-            AllowRule(dns=fs("app1")), Decision(False, "not allowed: matches none of allow.dns"), id="cn-not-dns"
+            AllowRule(dns=fs("app1")),
+            Decision(False, "not allowed: matches none of allow.dns", "not allowed"),
+            id="cn-not-dns",
         ),
         pytest.param(
-            AllowRule(cn=fs("app1.internal")), Decision(False, "not allowed: matches none of allow.cn"), id="dns-not-cn"
+            AllowRule(cn=fs("app1.internal")),
+            Decision(False, "not allowed: matches none of allow.cn", "not allowed"),
+            id="dns-not-cn",
         ),
         pytest.param(
-            AllowRule(dns=fs("10.1.2.3")), Decision(False, "not allowed: matches none of allow.dns"), id="ip-not-dns"
+            AllowRule(dns=fs("10.1.2.3")),
+            Decision(False, "not allowed: matches none of allow.dns", "not allowed"),
+            id="ip-not-dns",
         ),
         pytest.param(
             AllowRule(dns=fs("spiffe://example.org/app1"), cn=fs("payments"), ou=fs("app1"), uri=fs(ID_FP)),
-            Decision(False, "not allowed: matches none of allow.cn, allow.dns, allow.uri, allow.ou"),
+            Decision(False, "not allowed: matches none of allow.cn, allow.dns, allow.uri, allow.ou", "not allowed"),
             id="each-name-only-in-its-own-list",
         ),
         pytest.param(
-            AllowRule(cn=fs("App1")), Decision(False, "not allowed: matches none of allow.cn"), id="cn-exact-case"
+            AllowRule(cn=fs("App1")),
+            Decision(False, "not allowed: matches none of allow.cn", "not allowed"),
+            id="cn-exact-case",
         ),
         pytest.param(
             AllowRule(uri=fs("spiffe://example.org/app1/")),
-            Decision(False, "not allowed: matches none of allow.uri"),
+            Decision(False, "not allowed: matches none of allow.uri", "not allowed"),
             id="uri-exact",
         ),
         pytest.param(
             AllowRule(dns=fs("*.internal")),
-            Decision(False, "not allowed: matches none of allow.dns"),
+            Decision(False, "not allowed: matches none of allow.dns", "not allowed"),
             id="no-wildcards",
         ),
     ],
@@ -385,7 +402,7 @@ def named(**names: object) -> Identity:
 )
 def test_an_identity_with_a_name_over_1_KiB_is_refused_whatever_the_rule(identity: Identity, size: int) -> None:
     for rule in (AllowRule(any=True), AllowRule(cn=frozenset({"app1"}), ou=frozenset({"payments"}))):
-        assert decide(identity, rule) == Decision(False, f"identity too long ({size} bytes)")
+        assert decide(identity, rule) == Decision(False, f"identity too long ({size} bytes)", "identity too long")
 
 
 def test_a_name_of_exactly_1_KiB_is_judged_by_the_rule() -> None:

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tunnel.tunnel import interleave
+from tunnel.dial import interleave
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 

@@ -131,7 +131,8 @@ def test_per_identity_cap_refuses_the_next_and_frees_on_release() -> None:
     assert gate.admitted(admit(gate, "10.0.0.1"), "cn=app1") is None
     why = gate.admitted(admit(gate, "10.0.0.1"), "cn=app1")
     assert why is not None
-    assert why.startswith("too many connections for cn=app1")
+    assert why.label == "too many connections"
+    assert why.text.startswith("too many connections for cn=app1")
     assert gate.admitted(admit(gate, "10.0.0.1"), "uri=spiffe://x/app2") is None
     gate.release(first)
     assert gate.admitted(admit(gate, "10.0.0.1"), "cn=app1") is None

@@ -1,0 +1,118 @@
+"""A client tunnel's connection: dial the target → TLS handshake with our certificate
+under a deadline → the server's verdict on it (TLS 1.3 gives it after the handshake) →
+who the server is (its certificate, a resumption judged as a full handshake would be) →
+relay. A server's refusal is logged as one, never as a connection opened."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import trio
+
+from tunnel.connection import Connection
+from tunnel.identity import identity_from_der
+from tunnel.outcomes import (
+    BOTH_SIDES_CLOSED,
+    HANDSHAKE_TIMEOUT,
+    Outcome,
+    handshake_failure,
+    received_alert,
+    refused_by_server,
+    ssl_words,
+)
+from tunnel.pipeline import Host, dial_target, refuse, relay_and_close
+from tunnel.state import TunnelState
+from tunnel.streams import PlainStream, StreamBroken, TLSStream
+
+
+async def serve_plain_client(host: Host, state: TunnelState, sock: socket.socket, conn: Connection) -> None:
+    """Client mode: dial, handshake with the server, relay."""
+    config = state.config
+    client = PlainStream(sock)
+    dialled = await dial_target(host, config, conn, client)
+    if dialled is None:
+        return
+    target_sock, target = dialled
+    sessions = state.resumption.sessions
+    try:
+        server = TLSStream(
+            target_sock,
+            state.context,
+            server_side=False,
+            server_hostname=config.tls.server_name or target.host,
+            session=sessions.get(target),
+        )
+    except BaseException:
+        target_sock.close()
+        raise
+    where = f"server {target}"
+    started = trio.current_time()
+    reason: Outcome | None
+    try:
+        with trio.CancelScope(deadline=started + config.limits.handshake_timeout) as deadline:
+            await server.do_handshake()
+        reason = HANDSHAKE_TIMEOUT.about(where) if deadline.cancelled_caught else None
+    except ssl.SSLError as exc:
+        alert = received_alert(exc)  # TLS 1.2: the server checks our certificate in the handshake
+        reason = refused_by_server(alert) if alert else handshake_failure(exc).about(where)
+    except StreamBroken as exc:
+        reason = Outcome("during handshake", str(exc)).about(where)  # a reset, say
+    except BaseException:
+        server.abort()
+        raise
+    else:
+        host.metrics.handshake_seconds(host.name, trio.current_time() - started)
+        if reason is None and server.version() == "TLSv1.3" and not server.ssl.session_reused:
+            reason = await _server_verdict(server, started, deadline.deadline)
+    if reason is not None:
+        server.abort()
+        # "refused by server: unknown ca" names the server apart; "server HOST:PORT: ..." has it.
+        place = {"server": str(target)} if reason.label == "refused by server" else {}
+        refuse(host, conn, client, reason, None, **place)
+        return
+    der = server.peer_certificate()
+    conn.identity = identity_from_der(der) if der else None
+    why = state.check_peer(server)
+    if why is not None:
+        server.abort()
+        refuse(host, conn, client, why.about(where), conn.identity)
+        return
+    conn.peer_chain = state.resumption.peers.chain(der) if der else ()
+    host.story.opened(conn, server.describe_tls(), server=str(target))
+    try:
+        await relay_and_close(host, client, server, conn, config.limits.idle_timeout)
+    finally:
+        # TLS 1.3 tickets arrive after the handshake: by now they have been read.
+        if server.ssl.session is not None and conn.stats.end is BOTH_SIDES_CLOSED:
+            sessions[target] = server.ssl.session
+
+
+async def _server_verdict(server: TLSStream, started: float, deadline: float) -> Outcome | None:
+    """Client mode, after a full TLS 1.3 handshake: whether the server refused us.
+
+    In TLS 1.3 our side of the handshake is complete before the server has checked
+    our certificate; a server that refuses it sends its alert (unknown ca, bad
+    certificate, certificate required, ...) after, and it would only surface as the
+    connection's first read, after `opened` was logged and counted. So wait for the
+    server's first record before saying `opened`: an alert is a refusal, and so is a
+    reset or an end of stream before anything else; a session ticket (what a server
+    that accepted us sends at once: OpenSSL, Go and this tunnel all do) or data (a
+    MySQL greeting, relayed next) is an acceptance. A server that sends neither (no
+    tickets, and a protocol where the client speaks first) is taken to accept once
+    twice the handshake's duration (at least 100 ms) has passed without an alert:
+    the alert would have come a round trip after our Finished, and the handshake
+    took at least that round trip. The wait happens only for full handshakes: a
+    resumed session carries no certificate to refuse, and client tunnels resume
+    their sessions, so usually only the first connection to a target waits.
+    Returns the refusal, or None when accepted."""
+    wait = max(0.1, 2 * (trio.current_time() - started))
+    try:
+        with trio.move_on_at(min(deadline, trio.current_time() + wait)):
+            if not await server.await_first_record():
+                return refused_by_server("closed after the handshake")
+    except ssl.SSLError as exc:
+        return refused_by_server(received_alert(exc) or ssl_words(exc))
+    except StreamBroken as exc:
+        return refused_by_server(str(exc))
+    return None

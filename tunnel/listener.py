@@ -1,0 +1,183 @@
+"""Listening sockets: bind a listen address (TCP, or a unix socket file with its mode
+and group), accept the next connection (surviving EMFILE), close and unlink."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from typing import Any, Protocol
+
+import trio
+
+from tunnel.config import Address, UnixSocket
+from tunnel.logs import event
+
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class AcceptHealth(Protocol):
+    """Where `accept` says that accept(2) keeps failing (for /healthz), and when it works again."""
+
+    accept_failing: str | None
+
+
+def bind_listener(address: Address, *, reuse_port: bool = False, unix: UnixSocket | None = None) -> socket.socket:
+    """A listening, non-blocking socket for a listen address (OSError if it cannot bind).
+    With reuse_port, several worker processes each bind the same TCP port (SO_REUSEPORT)
+    and the kernel spreads new connections across them. A unix: socket file gets
+    `unix.group` and `unix.mode` (default: the daemon's group, 0600) before it listens."""
+    if address.path is not None:
+        _remove_stale_unix_socket(address.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # The socket file must never be more open than unix.mode, not even for a moment:
+            # bind(2) creates it with 0777 & ~umask (unix(7)), and fchmod on the socket does
+            # not reach the file. So bind under a umask that leaves 0600 at most, then chown
+            # to unix.group, and only then chmod to unix.mode. The umask is per process, not
+            # per thread: this is one system call on the trio thread, the only other threads
+            # (getaddrinfo workers) create no files, and it can only ever narrow a mode.
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(address.path)
+            finally:
+                os.umask(old_umask)
+            try:
+                set_unix_permissions(address.path, unix or UnixSocket())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(address.path)
+                raise
+        except OSError:
+            sock.close()
+            raise
+    else:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((address.host, address.port))
+        except OSError:
+            sock.close()
+            raise
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def set_unix_permissions(path: str, unix: UnixSocket) -> None:
+    """Give the socket file the group unix.group (None: the daemon's effective group), then
+    the mode unix.mode: in that order, so the mode never opens it to the wrong group.
+    chown(2) only where the group differs: a socket bound by a daemon whose own group is
+    unix.group already has it, and the systemd unit's system call filter forbids chown.
+    OSError naming the key if either fails (chown: only root, or a member of the group)."""
+    gid = os.getegid() if unix.group is None else unix.group
+    try:
+        if os.stat(path).st_gid != gid:
+            os.chown(path, -1, gid)
+    except OSError as exc:
+        hint = (
+            " (only root or a member of the group may; under systemd/tunnel@.service, which filters"
+            " out chown, make it the service's Group= instead)"
+            if exc.errno == errno.EPERM
+            else ""
+        )
+        raise OSError(exc.errno, f"unix.group: cannot give {path} group {gid}: {exc.strerror}{hint}") from exc
+    try:
+        os.chmod(path, unix.mode)
+    except OSError as exc:
+        raise OSError(exc.errno, f"unix.mode: cannot chmod {path} to {unix.mode:04o}: {exc.strerror}") from exc
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a full accept queue: EAGAIN now, not a wait for room
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: left over from a previous run
+    except OSError as exc:
+        # EACCES (a mode that shuts us out), EAGAIN (a full accept queue): someone may be
+        # listening. Never unlink a socket that might be alive.
+        raise OSError(exc.errno, f"{path} exists and may be in use: {exc.strerror}") from exc
+    else:
+        raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
+    finally:
+        probe.close()
+
+
+def close_listener(sock: socket.socket, address: Address) -> None:
+    """Close a listening socket (telling trio first) and unlink a unix socket file."""
+    if sock.fileno() == -1:
+        return
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
+    if address.path is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(address.path)
+
+
+async def accept(listener: socket.socket, name: str, tunnel: AcceptHealth | None = None) -> tuple[socket.socket, Any]:
+    """The next connection. Out of file descriptors or memory: log (not on every retry),
+    wait 100 ms and try again; the connection waits in the kernel backlog meanwhile.
+    `tunnel.accept_failing` says why while that lasts (for /healthz)."""
+    failures = 0
+    while True:
+        try:
+            sock, address = listener.accept()
+        except BlockingIOError:
+            if tunnel is not None:  # it got as far as an empty queue: descriptors are back
+                tunnel.accept_failing = None
+            await trio.lowlevel.wait_readable(listener)
+            continue
+        except OSError as exc:
+            if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                if failures % 50 == 0:
+                    event(
+                        logging.ERROR,
+                        "accept_failed",
+                        "accept failed tunnel=%s: %s; retrying every 100ms",
+                        name,
+                        exc.strerror,
+                        tunnel=name,
+                        reason=exc.strerror,
+                    )
+                failures += 1
+                if tunnel is not None:
+                    tunnel.accept_failing = exc.strerror or str(exc)
+                await trio.sleep(0.1)
+                continue
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                continue
+            raise
+        if failures:
+            if tunnel is not None:
+                tunnel.accept_failing = None
+            event(
+                logging.WARNING,
+                "accept_recovered",
+                "accept recovered tunnel=%s after %d retries",
+                name,
+                failures,
+                tunnel=name,
+            )
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # already reset by the peer: the handshake will tell
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await trio.lowlevel.checkpoint()  # a flood of connections must not starve the rest
+        except BaseException:
+            sock.close()
+            raise
+        return sock, address
