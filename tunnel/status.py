@@ -1,5 +1,6 @@
 """The status address: GET /healthz, GET /metrics (Prometheus text) and GET /connections,
-served over plain HTTP/1.1 (one request per connection) for operators and monitoring."""
+served over plain HTTP/1.1 (one request per connection, through tunnel.http) for operators
+and monitoring."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from tunnel import http
 from tunnel.config import Address
 from tunnel.logs import escape
 
@@ -24,8 +26,6 @@ if TYPE_CHECKING:
     from tunnel.tunnel import Tunnel
 
 log = logging.getLogger("tunnel")
-
-MAX_REQUEST = 8192
 
 
 def health(tunnels: Sequence[Tunnel]) -> tuple[bool, dict[str, Any]]:
@@ -163,7 +163,8 @@ async def serve_http(
 ) -> None:
     """Serve `respond(path) -> (status line, content type, body)` on a TCP address, or on a
     unix socket path (a worker's private status address). Only GET is answered (405
-    otherwise), and the path reaches `respond` without its query string.
+    otherwise), and the path reaches `respond` without its query string; a malformed
+    request gets 400 (see tunnel.http.serve_one).
 
     At most `max_connections` connections are open at once, over all the address's
     listeners (see _StatusConnections for who gives way, and for the spare descriptor
@@ -220,24 +221,18 @@ async def _accept_loop(
 
 
 async def _handle(respond: Responder, connections: _StatusConnections, stream: trio.SocketStream) -> None:
+    async def answer(request: http.Request) -> http.Response:
+        status, content_type, body = await respond(request.path)
+        return http.Response(int(status.split()[0]), content_type, body)
+
     try:
-        request = None
-        with trio.move_on_after(REQUEST_TIMEOUT):
-            request = await _read_request(stream)
-        if request is None:
-            return
-        connections.answering(stream)
-        method, target = request
-        if method != "GET":
-            status, content_type, body = "405 Method Not Allowed", "text/plain", b"only GET\n"
-        else:
-            status, content_type, body = await respond(target.split("?", 1)[0])
-        head = (
-            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        await http.serve_one(
+            stream,
+            answer,
+            request_timeout=REQUEST_TIMEOUT,
+            response_timeout=RESPONSE_TIMEOUT,
+            received=lambda: connections.answering(stream),
         )
-        with trio.move_on_after(RESPONSE_TIMEOUT):
-            await stream.send_all(head.encode() + body)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     except Exception:  # one bad request must never stop the status server
@@ -284,21 +279,6 @@ class StatusServer:
 NOT_FOUND = b"try /healthz, /metrics or /connections\n"
 
 
-async def _read_request(stream: trio.SocketStream) -> tuple[str, str] | None:
-    data = b""
-    while b"\r\n\r\n" not in data and b"\n\n" not in data:
-        chunk = await stream.receive_some(MAX_REQUEST)
-        if not chunk:
-            return None
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            return None
-    parts = data.split(b"\n", 1)[0].decode("latin-1").split()
-    if len(parts) < 2:
-        return None
-    return parts[0], parts[1]
-
-
 def json_body(value: object) -> bytes:
     """A JSON response body."""
     return (json.dumps(value, indent=2) + "\n").encode()
@@ -312,21 +292,14 @@ class StatusUnavailable(Exception):
 
 
 def fetch(address: Address, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-    """GET a status page; (HTTP status, parsed JSON)."""
-    import http.client
-
-    host = address.host if ":" not in address.host else f"[{address.host}]"
-    connection = http.client.HTTPConnection(host, address.port, timeout=timeout)
+    """GET a status page; (HTTP status, parsed JSON). StatusUnavailable if there is no
+    answer (`no answer from ADDRESS: REASON`) or it is not JSON."""
     try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        body = response.read()
-    except OSError as exc:
+        response = trio.run(lambda: http.fetch(address, path, within=timeout))
+    except http.NoAnswer as exc:
         raise StatusUnavailable(f"no answer from {address}: {exc}") from exc
-    finally:
-        connection.close()
     try:
-        return response.status, json.loads(body)
+        return response.status, json.loads(response.body)
     except ValueError as exc:
         raise StatusUnavailable(f"{address}{path} did not answer JSON") from exc
 

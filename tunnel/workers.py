@@ -33,6 +33,7 @@ from typing import Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from tunnel import http
 from tunnel.config import (
     Address,
     ConfigError,
@@ -277,19 +278,10 @@ class Supervisor:
         return ("200 OK" if ok else "503 Service Unavailable"), "application/json", json_body(doc)
 
     async def _ask(self, index: int, path: str) -> tuple[int, bytes]:
-        """GET `path` from one worker's private status socket: (HTTP status, body)."""
+        """GET `path` from one worker's private status socket: (HTTP status, body); (503,
+        b"") if the worker gives no whole answer within 5 seconds."""
         try:
-            with trio.fail_after(5):
-                stream = await trio.open_unix_socket(str(self._status_path(index)))
-                async with stream:
-                    await stream.send_all(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-                    data = b""
-                    while chunk := await stream.receive_some(65536):
-                        data += chunk
-        except (OSError, trio.TooSlowError, trio.BrokenResourceError):
+            response = await http.fetch(Address(path=str(self._status_path(index))), path, within=5)
+        except http.NoAnswer:
             return 503, b""
-        head, _, body = data.partition(b"\r\n\r\n")
-        try:
-            return int(head.split()[1]), body
-        except (IndexError, ValueError):
-            return 503, b""
+        return response.status, response.body
