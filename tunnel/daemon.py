@@ -310,7 +310,13 @@ class Daemon:
         if self._stopping:  # a stop signal came while the new tunnels were starting
             for tunnel in starting:
                 tunnel.stop()
-        self._retiring = [t for t in self._retiring if t.connections or t.listening]
+        draining = []
+        for tunnel in self._retiring:
+            if tunnel.connections or tunnel.listening:
+                draining.append(tunnel)
+            else:
+                self.metrics.forget(tunnel)  # its bytes stay counted under its name
+        self._retiring = draining
         for tunnel in self.all_tunnels():
             tunnel.revalidate()
         for tunnel in self.tunnels:
