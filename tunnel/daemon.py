@@ -29,6 +29,7 @@ from tunnel.config import (
 from tunnel.logs import event
 from tunnel.metrics import PrometheusMetrics
 from tunnel.notify import Notifier
+from tunnel.reload_plan import plan_reload
 from tunnel.status import StatusServer, start_status
 from tunnel.trust import check_certificates
 from tunnel.tunnel import Tunnel, TunnelState
@@ -247,11 +248,11 @@ class Daemon:
         except ConfigError as exc:
             return str(exc)
         current = {tunnel.name: tunnel for tunnel in self.tunnels}
-        starting = [
-            Tunnel(state, self.metrics, reuse_port=self.worker)
-            for name, state in states.items()
-            if name not in current or current[name].state.config.listen != state.config.listen
-        ]
+        plan = plan_reload(
+            {name: tunnel.state.config for name, tunnel in current.items()},
+            {name: state.config for name, state in states.items()},
+        )
+        starting = [Tunnel(states[name], self.metrics, reuse_port=self.worker) for name in plan.start]
         for index, tunnel in enumerate(starting):
             try:
                 tunnel.bind()
@@ -261,11 +262,10 @@ class Daemon:
                 return str(exc)
         # A unix: listener that stays bound takes the new unix.group and unix.mode now (or,
         # if one cannot be applied, every one goes back to what it was and nothing changes).
-        keeping = [(tunnel, states[name]) for name, tunnel in current.items() if name in states]
+        keeping = [(current[name], states[name]) for name in plan.keep]
         try:
             for tunnel, state in keeping:
-                if state.config.listen == tunnel.state.config.listen:
-                    tunnel.set_unix_permissions(state.config.unix)
+                tunnel.set_unix_permissions(state.config.unix)
         except OSError as exc:
             for tunnel, _ in keeping:
                 with contextlib.suppress(OSError):
@@ -279,34 +279,29 @@ class Daemon:
         assert self._tunnel_nursery is not None
         for tunnel in starting:
             await self._tunnel_nursery.start(tunnel.serve)
-        kept: list[Tunnel] = []
-        for name, tunnel in current.items():
-            new = states.get(name)
-            if new is None:
-                event(
-                    logging.INFO, "tunnel_removed", "tunnel %s is no longer configured: stopping it", name, tunnel=name
-                )
-                tunnel.stop()
-                self._retiring.append(tunnel)
-            elif new.config.listen != tunnel.state.config.listen:
-                old_listen, new_listen = tunnel.state.config.listen, new.config.listen
-                event(
-                    logging.INFO,
-                    "tunnel_moved",
-                    "tunnel %s moves from %s to %s",
-                    name,
-                    old_listen,
-                    new_listen,
-                    tunnel=name,
-                    listen=str(new_listen),
-                )
-                tunnel.replace_state(new)
-                tunnel.stop(drain=False)
-                self._retiring.append(tunnel)
-            else:
-                tunnel.replace_state(new)
-                kept.append(tunnel)
-        self.tunnels = kept + starting
+        for name in plan.stop:
+            event(logging.INFO, "tunnel_removed", "tunnel %s is no longer configured: stopping it", name, tunnel=name)
+            current[name].stop()
+            self._retiring.append(current[name])
+        for name in plan.move:
+            tunnel, new = current[name], states[name]
+            old_listen, new_listen = tunnel.state.config.listen, new.config.listen
+            event(
+                logging.INFO,
+                "tunnel_moved",
+                "tunnel %s moves from %s to %s",
+                name,
+                old_listen,
+                new_listen,
+                tunnel=name,
+                listen=str(new_listen),
+            )
+            tunnel.replace_state(new)
+            tunnel.stop(drain=False)
+            self._retiring.append(tunnel)
+        for name in plan.keep:
+            current[name].replace_state(states[name])
+        self.tunnels = [current[name] for name in plan.keep] + starting
         if self._stopping:  # a stop signal came while the new tunnels were starting
             for tunnel in starting:
                 tunnel.stop()
