@@ -1,5 +1,7 @@
 """Many tunnels in one trio run: start them, reload them (on SIGHUP or when a file they
-were configured from changes), warn about expiring certificates, drain and stop."""
+were configured from changes), warn about expiring certificates, drain and stop. The
+process shell (signals, file watching, readiness) is tunnel/control.py's; what a reload
+does to each tunnel is tunnel/reload_plan.py's."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,23 +18,17 @@ from typing import Any
 
 import trio
 
-from tunnel.config import (
-    Address,
-    ConfigError,
-    TunnelConfig,
-    load_paths,
-    status_addresses,
-    status_origin,
-    watched_files,
-)
+from tunnel.config import Address, ConfigError, TunnelConfig, load_paths
+from tunnel.control import ControlLoop
 from tunnel.logs import event
 from tunnel.metrics import PrometheusMetrics
 from tunnel.notify import Notifier
+from tunnel.reload_plan import plan_reload
 from tunnel.state import TunnelState
-from tunnel.status import StatusServer, start_status
+from tunnel.status import Responder, StatusServer
 from tunnel.trust import check_certificates
 from tunnel.tunnel import Tunnel
-from tunnel.watch import DEFAULT_INTERVAL, watch
+from tunnel.watch import DEFAULT_INTERVAL
 
 log = logging.getLogger("tunnel")
 
@@ -43,7 +38,6 @@ SUPERVISOR_CHECK_EVERY = 0.5
 RELOAD_RETRY_FIRST = 1.0  # seconds before a failed reload is tried again, doubling...
 RELOAD_RETRY_MAX = 30.0  # ...up to this
 _NOW = re.compile(r"now \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")  # the current time in an error: not a new reason
-DUPLICATE_WINDOW = 1.0  # seconds in which a worker treats a repeated stop signal as the same one
 
 
 def build_states(configs: Sequence[TunnelConfig]) -> list[TunnelState]:
@@ -70,8 +64,9 @@ class ReloadFailure:
         return {"failing_since": since, "reason": self.reason}
 
 
-class Daemon:
-    """The tunnels of one `tunnel run`, and what signals and file changes do to them."""
+class Daemon(ControlLoop):
+    """The tunnels of one `tunnel run` (or of one of its workers), and what signals and
+    file changes do to them."""
 
     def __init__(
         self,
@@ -83,22 +78,22 @@ class Daemon:
         notifier: Notifier | None = None,
         worker: bool = False,
     ) -> None:
-        self.paths = list(paths)
+        super().__init__(
+            paths,
+            status=status,
+            # A worker serves only the private status address its supervisor gave it.
+            status_configs=[] if worker else [s.config for s in states],
+            watch_interval=watch_interval,
+            notifier=notifier,
+            ignore_duplicate_stop=worker,
+        )
         self.tunnels: list[Tunnel] = []
         self._retiring: list[Tunnel] = []  # stopped by a reload, still draining
         self.metrics = PrometheusMetrics(self.all_tunnels)
         self.worker = worker  # one of several processes: listeners use SO_REUSEPORT
         self.tunnels = [Tunnel(state, self.metrics, reuse_port=worker) for state in states]
-        self.watch_interval = watch_interval
-        self.notifier = notifier or Notifier()
-        # A worker serves only the private status address its supervisor gave it.
-        self.status_addresses = status_addresses(status, [] if worker else [s.config for s in states])
-        self._given_status = list(status)
-        self._stopping = False
-        self._stop_time = 0.0
         self._reload_lock = trio.Lock()
         self._tunnel_nursery: trio.Nursery | None = None
-        self._helpers: trio.Nursery | None = None
         self.reload_failure: ReloadFailure | None = None
         self._retry_delay = RELOAD_RETRY_FIRST
         self._retrying = False
@@ -111,67 +106,39 @@ class Daemon:
         """Serving tunnels first, then those a reload stopped that are still draining."""
         return [*self.tunnels, *self._retiring]
 
-    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        """Bind every tunnel, report their addresses (name → sockname), serve until a
-        SIGTERM/SIGINT has drained them all. SIGHUP reloads."""
+    # -- the control loop's parts (tunnel/control.py) ------------------------------
+
+    def _configs(self) -> list[TunnelConfig]:
+        return [tunnel.state.config for tunnel in self.tunnels]
+
+    def _responder(self) -> Responder:
+        return StatusServer(
+            self.all_tunnels, self.metrics, serving=self.serving_tunnels, extra=self._health_extra
+        ).respond
+
+    def _prepare(self) -> None:
         for tunnel in self.tunnels:
             tunnel.bind()
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with trio.open_nursery() as helpers:
-                self._helpers = helpers
-                addresses = {}
-                # The status addresses first: one that cannot be served is an error before
-                # any tunnel says it is listening.
-                status_server = StatusServer(
-                    self.all_tunnels, self.metrics, serving=self.serving_tunnels, extra=self._health_extra
-                )
-                for address in self.status_addresses:
-                    origin = status_origin(address, self._given_status, [t.state.config for t in self.tunnels])
-                    addresses[f"status {address}"] = await start_status(helpers, address, status_server.respond, origin)
-                async with trio.open_nursery() as tunnels:
-                    self._tunnel_nursery = tunnels
-                    for tunnel in self.tunnels:
-                        addresses[tunnel.name] = await tunnels.start(tunnel.serve)
-                    helpers.start_soon(self._watch_signals, signals)
-                    if self.watch_interval > 0:
-                        await helpers.start(self._watch_files)  # before ready: no change missed
-                    helpers.start_soon(self._warn_about_expiry)
-                    if self.worker:
-                        helpers.start_soon(self._watch_supervisor, os.getppid())
-                    event(logging.INFO, "ready", "ready tunnels=%d", len(self.tunnels))
-                    self.notifier.ready(f"{len(self.tunnels)} tunnels listening")
-                    task_status.started(addresses)
-                helpers.cancel_scope.cancel()
-        event(logging.INFO, "stopped", "stopped")
 
-    # -- signals -------------------------------------------------------------------
+    async def _start(self, serving: trio.Nursery, helpers: trio.Nursery) -> dict[str, Any]:
+        """Serve every tunnel; their addresses (name → sockname)."""
+        self._tunnel_nursery = serving
+        return {tunnel.name: await serving.start(tunnel.serve) for tunnel in self.tunnels}
 
-    async def _watch_signals(self, signals: Any) -> None:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                event(logging.INFO, "reloading", "reloading on SIGHUP", reason="SIGHUP")
-                await self.reload()
-            elif self.worker and self._stopping and time.monotonic() - self._stop_time < DUPLICATE_WINDOW:
-                continue  # the same stop reaching a worker twice (service manager and supervisor)
-            elif not self._stopping:
-                event(
-                    logging.INFO,
-                    "stopping",
-                    "stopping on %s: no new connections; draining open ones",
-                    signal.Signals(signum).name,
-                    reason=signal.Signals(signum).name,
-                )
-                self.stop()
-            else:
-                event(
-                    logging.INFO,
-                    "closing_all",
-                    "second %s: closing every connection now",
-                    signal.Signals(signum).name,
-                    reason=signal.Signals(signum).name,
-                )
-                for tunnel in self.all_tunnels():
-                    tunnel.abort()
+    def _running(self, helpers: trio.Nursery) -> None:
+        helpers.start_soon(self._warn_about_expiry)
+        if self.worker:
+            helpers.start_soon(self._watch_supervisor, os.getppid())
+
+    def _count(self) -> int:
+        return len(self.tunnels)
+
+    def _stop(self, signum: int) -> None:
+        self.stop()
+
+    def _close_all(self, signum: int) -> None:
+        for tunnel in self.all_tunnels():
+            tunnel.abort()
 
     async def _watch_supervisor(self, supervisor: int) -> None:
         """A worker whose supervisor is gone (killed outright) must not live on alone."""
@@ -185,9 +152,8 @@ class Daemon:
             tunnel.abort()
 
     def stop(self) -> None:
-        self._stopping = True
-        self._stop_time = time.monotonic()
-        self.notifier.stopping()
+        """Stop accepting; open connections get their tunnel's limits.drain_timeout."""
+        self._begin_stopping()
         for tunnel in self.all_tunnels():
             tunnel.stop()
 
@@ -204,12 +170,8 @@ class Daemon:
             return False
         if not retry:
             self._retry_delay = RELOAD_RETRY_FIRST
-        self.notifier.reloading()
-        async with self._reload_lock:  # a SIGHUP and a file change at once: one after the other
-            failure = await self._reload()
+        failure = await self._announced(self._locked_reload)
         now = time.time()
-        self.metrics.reloaded(failure is None, now)
-        self.notifier.ready(f"{len(self.tunnels)} tunnels listening")
         previous = self.reload_failure
         if failure is None:
             if previous is not None:
@@ -236,6 +198,12 @@ class Daemon:
         finally:
             self._retrying = False
 
+    async def _locked_reload(self) -> str | None:
+        async with self._reload_lock:  # a SIGHUP and a file change at once: one after the other
+            failure = await self._reload()
+        self.metrics.reloaded(failure is None, time.time())
+        return failure
+
     def _health_extra(self) -> dict[str, Any]:
         return {"reload": self.reload_failure.describe()} if self.reload_failure else {}
 
@@ -248,11 +216,11 @@ class Daemon:
         except ConfigError as exc:
             return str(exc)
         current = {tunnel.name: tunnel for tunnel in self.tunnels}
-        starting = [
-            Tunnel(state, self.metrics, reuse_port=self.worker)
-            for name, state in states.items()
-            if name not in current or current[name].state.config.listen != state.config.listen
-        ]
+        plan = plan_reload(
+            {name: tunnel.state.config for name, tunnel in current.items()},
+            {name: state.config for name, state in states.items()},
+        )
+        starting = [Tunnel(states[name], self.metrics, reuse_port=self.worker) for name in plan.start]
         for index, tunnel in enumerate(starting):
             try:
                 tunnel.bind()
@@ -262,11 +230,10 @@ class Daemon:
                 return str(exc)
         # A unix: listener that stays bound takes the new unix.group and unix.mode now (or,
         # if one cannot be applied, every one goes back to what it was and nothing changes).
-        keeping = [(tunnel, states[name]) for name, tunnel in current.items() if name in states]
+        keeping = [(current[name], states[name]) for name in plan.keep]
         try:
             for tunnel, state in keeping:
-                if state.config.listen == tunnel.state.config.listen:
-                    tunnel.set_unix_permissions(state.config.unix)
+                tunnel.set_unix_permissions(state.config.unix)
         except OSError as exc:
             for tunnel, _ in keeping:
                 with contextlib.suppress(OSError):
@@ -280,38 +247,39 @@ class Daemon:
         assert self._tunnel_nursery is not None
         for tunnel in starting:
             await self._tunnel_nursery.start(tunnel.serve)
-        kept: list[Tunnel] = []
-        for name, tunnel in current.items():
-            new = states.get(name)
-            if new is None:
-                event(
-                    logging.INFO, "tunnel_removed", "tunnel %s is no longer configured: stopping it", name, tunnel=name
-                )
-                tunnel.stop()
-                self._retiring.append(tunnel)
-            elif new.config.listen != tunnel.state.config.listen:
-                old_listen, new_listen = tunnel.state.config.listen, new.config.listen
-                event(
-                    logging.INFO,
-                    "tunnel_moved",
-                    "tunnel %s moves from %s to %s",
-                    name,
-                    old_listen,
-                    new_listen,
-                    tunnel=name,
-                    listen=str(new_listen),
-                )
-                tunnel.replace_state(new)
-                tunnel.stop(drain=False)
-                self._retiring.append(tunnel)
-            else:
-                tunnel.replace_state(new)
-                kept.append(tunnel)
-        self.tunnels = kept + starting
+        for name in plan.stop:
+            event(logging.INFO, "tunnel_removed", "tunnel %s is no longer configured: stopping it", name, tunnel=name)
+            current[name].stop()
+            self._retiring.append(current[name])
+        for name in plan.move:
+            tunnel, new = current[name], states[name]
+            old_listen, new_listen = tunnel.state.config.listen, new.config.listen
+            event(
+                logging.INFO,
+                "tunnel_moved",
+                "tunnel %s moves from %s to %s",
+                name,
+                old_listen,
+                new_listen,
+                tunnel=name,
+                listen=str(new_listen),
+            )
+            tunnel.replace_state(new)
+            tunnel.stop(drain=False)
+            self._retiring.append(tunnel)
+        for name in plan.keep:
+            current[name].replace_state(states[name])
+        self.tunnels = [current[name] for name in plan.keep] + starting
         if self._stopping:  # a stop signal came while the new tunnels were starting
             for tunnel in starting:
                 tunnel.stop()
-        self._retiring = [t for t in self._retiring if t.connections or t.listening]
+        draining = []
+        for tunnel in self._retiring:
+            if tunnel.connections or tunnel.listening:
+                draining.append(tunnel)
+            else:
+                self.metrics.forget(tunnel)  # its bytes stay counted under its name
+        self._retiring = draining
         for tunnel in self.all_tunnels():
             tunnel.revalidate()
         for tunnel in self.tunnels:
@@ -319,16 +287,6 @@ class Daemon:
                 _expiring(tunnel.name, warning)
         event(logging.INFO, "reloaded", "reloaded tunnels=%d", len(self.tunnels))
         return None
-
-    def _watched(self) -> tuple[list[Path], list[Path]]:
-        return watched_files(self.paths, [tunnel.state.config for tunnel in self.tunnels])
-
-    async def _watch_files(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async def changed() -> None:
-            event(logging.INFO, "reloading", "a configuration file changed: reloading", reason="file changed")
-            await self.reload()
-
-        await watch(self._watched, changed, interval=self.watch_interval, task_status=task_status)
 
     # -- expiry --------------------------------------------------------------------
 

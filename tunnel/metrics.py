@@ -119,7 +119,8 @@ class PrometheusMetrics:
         )
         self._last_reload_ok.set(1)
         self._children: dict[tuple[object, ...], object] = {}
-        r.register(_LiveCollector(tunnels))
+        self._live = _LiveCollector(tunnels)
+        r.register(self._live)
 
     def opened(self, tunnel: str) -> None:
         self._child(self._opened, tunnel).inc()
@@ -148,6 +149,11 @@ class PrometheusMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child  # type: ignore[return-value]
 
+    def forget(self, tunnel: Observed) -> None:
+        """`tunnel` leaves the daemon's list for good (a reload stopped or moved it and it has
+        drained): its bytes stay in its name's tunnel_bytes total, which never goes back."""
+        self._live.forget(tunnel)
+
     def reloaded(self, ok: bool, when: float) -> None:
         self._reloads.labels("success" if ok else "failure").inc()
         self._last_reload_ok.set(1 if ok else 0)
@@ -158,10 +164,22 @@ class PrometheusMetrics:
 
 
 class _LiveCollector(Collector):
-    """Reads bytes, active connections and certificate times off the running tunnels."""
+    """Reads bytes, active connections and certificate times off the running tunnels.
+
+    One series per tunnel name, however many Tunnel objects bear it: a reload that moves a
+    tunnel to a new listen address starts a new object while the old one drains its
+    connections. Counts and bytes add up over them (plus the bytes of those forgotten),
+    `listening` is 1 if any accepts, certificate times are those of the first object of
+    the name (the daemon lists the serving ones first)."""
 
     def __init__(self, tunnels: Callable[[], Sequence[Observed]]) -> None:
         self._tunnels = tunnels
+        self._forgotten: dict[str, tuple[int, int]] = {}  # tunnel name → bytes in, out of dropped objects
+
+    def forget(self, tunnel: Observed) -> None:
+        bytes_in, bytes_out = tunnel.bytes_moved()
+        before_in, before_out = self._forgotten.get(tunnel.name, (0, 0))
+        self._forgotten[tunnel.name] = (before_in + bytes_in, before_out + bytes_out)
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         return list(self._collect())
@@ -186,18 +204,24 @@ class _LiveCollector(Collector):
         crl = GaugeMetricFamily(
             "tunnel_crl_next_update_timestamp_seconds", "When the tunnel's CRL must be replaced.", labels=["tunnel"]
         )
+        by_name: dict[str, list[Observed]] = {}
         for tunnel in tunnels:
-            name = tunnel.name
-            active.add_metric([name], len(tunnel.connections))
-            handshaking.add_metric([name], tunnel.handshaking)
-            listening.add_metric([name], 1 if tunnel.listening else 0)
-            bytes_in, bytes_out = tunnel.bytes_moved()
+            by_name.setdefault(tunnel.name, []).append(tunnel)
+        for name, group in by_name.items():
+            active.add_metric([name], sum(len(tunnel.connections) for tunnel in group))
+            handshaking.add_metric([name], sum(tunnel.handshaking for tunnel in group))
+            listening.add_metric([name], 1 if any(tunnel.listening for tunnel in group) else 0)
+            bytes_in, bytes_out = self._forgotten.get(name, (0, 0))
+            for tunnel in group:
+                more_in, more_out = tunnel.bytes_moved()
+                bytes_in, bytes_out = bytes_in + more_in, bytes_out + more_out
             moved.add_metric([name, "in"], bytes_in)
             moved.add_metric([name, "out"], bytes_out)
-            for path, when in tunnel.expiries:
+            first = group[0]
+            for path, when in first.expiries:
                 not_after.add_metric([name, str(path)], when.timestamp())
-            if tunnel.crl_next_update is not None:
-                crl.add_metric([name], tunnel.crl_next_update.timestamp())
+            if first.crl_next_update is not None:
+                crl.add_metric([name], first.crl_next_update.timestamp())
         yield from (active, handshaking, listening, moved, not_after, crl)
 
 

@@ -34,20 +34,13 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tunnel import http
-from tunnel.config import (
-    Address,
-    ConfigError,
-    TunnelConfig,
-    load_paths,
-    status_addresses,
-    status_origin,
-    watched_files,
-)
+from tunnel.config import Address, ConfigError, TunnelConfig, load_paths
+from tunnel.control import ControlLoop
 from tunnel.logs import event
 from tunnel.metrics import merge_texts
 from tunnel.notify import Notifier
-from tunnel.status import NOT_FOUND, json_body, start_status
-from tunnel.watch import DEFAULT_INTERVAL, watch
+from tunnel.status import NOT_FOUND, Responder, json_body
+from tunnel.watch import DEFAULT_INTERVAL
 
 log = logging.getLogger("tunnel")
 
@@ -79,7 +72,13 @@ def check_ports_free(configs: Sequence[TunnelConfig]) -> None:
                 ) from exc
 
 
-class Supervisor:
+class Supervisor(ControlLoop):
+    """The worker processes of one `tunnel run --workers N` (see the module docstring)."""
+
+    counted = "workers"
+    stopping_note = "passing it to every worker"
+    closing_note = "passing it to every worker, which closes every connection now"
+
     def __init__(
         self,
         paths: Sequence[Path],
@@ -91,47 +90,59 @@ class Supervisor:
         watch_interval: float = DEFAULT_INTERVAL,
         notifier: Notifier | None = None,
     ) -> None:
-        self.paths = list(paths)
+        super().__init__(paths, status=status, status_configs=configs, watch_interval=watch_interval, notifier=notifier)
         self.count = workers
         self.log_format = log_format
-        self.status_addresses = status_addresses(status, configs)
-        self._given_status = list(status)
-        self.watch_interval = watch_interval
-        self.notifier = notifier or Notifier()
         self.configs = list(configs)
         self._dir = Path(tempfile.mkdtemp(prefix="tunnel-workers-"))
+        self._notify: trio.socket.SocketType | None = None
         self._processes: dict[int, trio.Process] = {}
         self._ready = 0
         self._ready_changed = trio.Event()
-        self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the workers until they have all stopped (tunnel/control.py); then remove the
+        private directory of notify and status sockets."""
         try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                await notify.bind(str(self._dir / "notify.sock"))
-                async with trio.open_nursery() as helpers:
-                    helpers.start_soon(self._read_notifications, notify)
-                    for address in self.status_addresses:  # before any worker says it listens
-                        origin = status_origin(address, self._given_status, self.configs)
-                        await start_status(helpers, address, self.respond, origin)
-                    async with trio.open_nursery() as workers:
-                        for index in range(self.count):
-                            workers.start_soon(self._keep_running, index)
-                        await self._wait_ready(self.count)
-                        helpers.start_soon(self._watch_signals, signals)
-                        if self.watch_interval > 0:
-                            await helpers.start(self._watch_files)  # before ready: no change missed
-                        event(logging.INFO, "ready", "ready workers=%d", self.count)
-                        self.notifier.ready(f"{self.count} workers listening")
-                        task_status.started()
-                    helpers.cancel_scope.cancel()
-                notify.close()
+            await super().run(task_status=task_status)
         finally:
+            if self._notify is not None:
+                self._notify.close()
             shutil.rmtree(self._dir, ignore_errors=True)
-        event(logging.INFO, "stopped", "stopped")
+
+    # -- the control loop's parts (tunnel/control.py) --------------------------------
+
+    def _configs(self) -> list[TunnelConfig]:
+        return self.configs
+
+    def _responder(self) -> Responder:
+        return self.respond
+
+    def _prepare(self) -> None:
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(self._dir / "notify.sock"))
+        self._notify = trio.socket.from_stdlib_socket(notify)
+
+    async def _start(self, serving: trio.Nursery, helpers: trio.Nursery) -> dict[str, Any]:
+        """Start every worker; return once all report ready (or READY_TIMEOUT passed)."""
+        assert self._notify is not None
+        helpers.start_soon(self._read_notifications, self._notify)
+        for index in range(self.count):
+            serving.start_soon(self._keep_running, index)
+        await self._wait_ready(self.count)
+        return {}
+
+    def _count(self) -> int:
+        return self.count
+
+    def _stop(self, signum: int) -> None:
+        self._begin_stopping()
+        self._send_all(signum)
+
+    def _close_all(self, signum: int) -> None:
+        self._send_all(signum)
 
     def _worker_command(self, index: int) -> list[str]:
         return [
@@ -204,45 +215,19 @@ class Supervisor:
             if process.returncode is None:
                 process.send_signal(signum)
 
-    async def _watch_signals(self, signals: Any) -> None:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                await self.reload()
-            else:
-                if not self._stopping:
-                    self._stopping = True
-                    self.notifier.stopping()
-                    event(
-                        logging.INFO,
-                        "stopping",
-                        "stopping on %s: passing it to every worker",
-                        signal.Signals(signum).name,
-                        reason=signal.Signals(signum).name,
-                    )
-                self._send_all(signum)
-
     async def reload(self) -> None:
+        """Pass the reload on to every worker (each reports a bad file itself), and wait
+        until all report ready again."""
         if self._stopping:
             return
         with contextlib.suppress(ConfigError):  # the workers report a bad file themselves
             self.configs = load_paths(self.paths)  # what to watch from now on
-        self.notifier.reloading()
+        await self._announced(self._reload_workers)
+
+    async def _reload_workers(self) -> None:
         self._ready = 0
         self._send_all(signal.SIGHUP)
         await self._wait_ready(len(self._processes))
-        self.notifier.ready(f"{self.count} workers listening")
-
-    def _watched(self) -> tuple[list[Path], list[Path]]:
-        return watched_files(self.paths, self.configs)
-
-    async def _watch_files(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async def changed() -> None:
-            event(
-                logging.INFO, "reloading", "a configuration file changed: reloading every worker", reason="file changed"
-            )
-            await self.reload()
-
-        await watch(self._watched, changed, interval=self.watch_interval, task_status=task_status)
 
     # -- the status address ----------------------------------------------------------
 

@@ -146,6 +146,48 @@ def test_a_tunnel_draining_after_a_reload_moved_it_does_not_make_the_daemon_unhe
             assert echo_once(fresh, b"y") == b"y"
 
 
+def samples(text: str, name: str) -> list[str]:
+    """Every sample line of metric `name` in Prometheus text (one per label set, if well formed)."""
+    return [line for line in text.splitlines() if line.startswith((f"{name} ", f"{name}{{"))]
+
+
+def test_a_tunnel_moved_by_reload_keeps_one_series_per_metric_and_its_byte_count(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    daemon, port, status = start(pki_files, tmp_path, daemons, target.address, limits={"drain_timeout": "30s"})
+    per_tunnel = (
+        "tunnel_active_connections",
+        "tunnel_handshaking_connections",
+        "tunnel_listening",
+        "tunnel_crl_next_update_timestamp_seconds",
+    )
+    with tls_client(pki_files, port, "app1") as held:
+        assert echo_once(held, b"a" * 3000) == b"a" * 3000
+        moved = free_port()
+        doc = server_doc(pki_files, target.address, listen=f"127.0.0.1:{moved}", limits={"drain_timeout": "30s"})
+        doc["tls"]["crl"] = str(pki_files.dir / "crl.pem")
+        write_yaml(tmp_path / "edge.yaml", doc)
+        assert "reloaded" in daemon.reload()
+        with tls_client(pki_files, moved, "app2") as fresh:
+            assert echo_once(fresh, b"b" * 2000) == b"b" * 2000
+            text = get(status, "/metrics")[1].decode()
+            for name in per_tunnel:
+                assert len(samples(text, name)) == 1, (name, samples(text, name))
+            assert len(samples(text, "tunnel_bytes_total")) == 2, samples(text, "tunnel_bytes_total")
+            files = [line.split(" ")[0] for line in samples(text, "tunnel_certificate_not_after_timestamp_seconds")]
+            assert len(files) == len(set(files)), files
+            assert metric(text, "tunnel_active_connections", tunnel="edge") == 2
+            assert metric(text, "tunnel_listening", tunnel="edge") == 1
+            assert metric(text, "tunnel_bytes_total", tunnel="edge", direction="in") == 5000
+    daemon.wait_for("closed tunnel=edge", count=2)
+    # The next reload forgets the drained old listener: its bytes stay counted.
+    assert "reloaded" in daemon.reload()
+    text = get(status, "/metrics")[1].decode()
+    assert metric(text, "tunnel_bytes_total", tunnel="edge", direction="in") == 5000
+    assert metric(text, "tunnel_bytes_total", tunnel="edge", direction="out") == 5000
+    assert daemon.stop() == 0
+
+
 def test_the_status_address_answers_get_only_and_ignores_a_query_string(
     pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
 ) -> None:

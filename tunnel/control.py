@@ -1,0 +1,185 @@
+"""One tunnel process's control loop: signals, file changes, readiness.
+
+`tunnel run` runs as one of two kinds of process, each a `ControlLoop`: a `Daemon`
+(tunnel/daemon.py: the tunnels themselves, alone or as one of several workers) or, with
+`--workers N`, the `Supervisor` (tunnel/workers.py: the worker processes). What they share
+is here; each supplies what differs: what it starts, how it reloads, stops and closes
+everything, and how its status address answers.
+
+* Start: the status addresses first (one that cannot be served is an error before any
+  tunnel says it is listening), then the tunnels or workers, then the file watcher (its
+  first picture of the files is taken before "ready": no change is missed), then
+  `ready` is logged and sd_notify READY=1 sent.
+* SIGHUP, or a change to a file the configuration came from: `reloading` (reason
+  `SIGHUP` / `file changed`), then the process's reload, between sd_notify RELOADING=1
+  and READY=1 (systemd.service(5), Type=notify-reload).
+* SIGTERM or SIGINT: `stopping`, sd_notify STOPPING=1, stop accepting and drain; a second
+  one: `closing_all`, close everything now. A worker ignores the same stop reaching it
+  twice within DUPLICATE_WINDOW seconds (from the service manager, which signals the
+  whole control group, and from its supervisor, which passes it on).
+* When everything has stopped: `stopped`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from tunnel.config import Address, TunnelConfig, status_addresses, status_origin, watched_files
+from tunnel.logs import event
+from tunnel.notify import Notifier
+from tunnel.status import Responder, start_status
+from tunnel.watch import DEFAULT_INTERVAL, watch
+
+DUPLICATE_WINDOW = 1.0  # seconds in which a worker treats a repeated stop signal as the same one
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+_T = TypeVar("_T")
+
+
+class ControlLoop(ABC):
+    """The shell of one `tunnel run` process (see the module docstring). Subclasses set
+    `counted` (what the readiness line counts: "tunnels", "workers") and the notes the
+    stop events carry, and implement the abstract methods."""
+
+    counted = "tunnels"
+    stopping_note = "no new connections; draining open ones"
+    closing_note = "closing every connection now"
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        status: Sequence[Address],
+        status_configs: Sequence[TunnelConfig],
+        watch_interval: float = DEFAULT_INTERVAL,
+        notifier: Notifier | None = None,
+        ignore_duplicate_stop: bool = False,
+    ) -> None:
+        """`status`: the --status addresses given; `status_configs`: the configurations
+        whose `status:` keys are served too; `watch_interval`: seconds between polls of
+        the configuration's files, 0 for none; `ignore_duplicate_stop`: a worker's rule."""
+        self.paths = list(paths)
+        self.watch_interval = watch_interval
+        self.notifier = notifier or Notifier()
+        self.status_addresses = status_addresses(status, status_configs)
+        self._given_status = list(status)
+        self._ignore_duplicate_stop = ignore_duplicate_stop
+        self._stopping = False
+        self._stop_time = 0.0
+        self._helpers: trio.Nursery | None = None
+
+    # -- what each kind of process supplies --------------------------------------------
+
+    @abstractmethod
+    def _configs(self) -> list[TunnelConfig]:
+        """The configuration in force: which files to watch, where a status address came from."""
+
+    @abstractmethod
+    def _responder(self) -> Responder:
+        """What answers the status addresses."""
+
+    def _prepare(self) -> None:  # noqa: B027 (a hook: most processes need nothing)
+        """Before anything runs (and before signals are caught); errors end `run`."""
+
+    @abstractmethod
+    async def _start(self, serving: trio.Nursery, helpers: trio.Nursery) -> dict[str, Any]:
+        """Start the tunnels or workers in `serving` (background tasks they need in
+        `helpers`); return once they serve, with their addresses (name → address)."""
+
+    def _running(self, helpers: trio.Nursery) -> None:  # noqa: B027 (a hook)
+        """Start what runs only once ready (in `helpers`, cancelled at the end)."""
+
+    @abstractmethod
+    def _count(self) -> int:
+        """How many tunnels or workers serve now."""
+
+    @abstractmethod
+    async def reload(self) -> object:
+        """Reload everything (SIGHUP, or a configuration file changed)."""
+
+    @abstractmethod
+    def _stop(self, signum: int) -> None:
+        """The first SIGTERM/SIGINT: stop accepting and drain (call `_begin_stopping`)."""
+
+    @abstractmethod
+    def _close_all(self, signum: int) -> None:
+        """A second SIGTERM/SIGINT: close everything now."""
+
+    # -- the shell ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until stopped. Reports the addresses (name → address; `status ADDRESS` for
+        each status address) once ready. Returns when every tunnel or worker has stopped."""
+        self._prepare()
+        with trio.open_signal_receiver(*SIGNALS) as signals:
+            async with trio.open_nursery() as helpers:
+                self._helpers = helpers
+                addresses: dict[str, Any] = {}
+                # The status addresses first: one that cannot be served is an error before
+                # any tunnel says it is listening.
+                respond = self._responder()
+                for address in self.status_addresses:
+                    origin = status_origin(address, self._given_status, self._configs())
+                    addresses[f"status {address}"] = await start_status(helpers, address, respond, origin)
+                async with trio.open_nursery() as serving:
+                    addresses.update(await self._start(serving, helpers))
+                    helpers.start_soon(self._watch_signals, signals)
+                    if self.watch_interval > 0:
+                        await helpers.start(self._watch_files)  # before ready: no change missed
+                    self._running(helpers)
+                    event(logging.INFO, "ready", f"ready {self.counted}=%d", self._count())
+                    self._notify_ready()
+                    task_status.started(addresses)
+                helpers.cancel_scope.cancel()
+        event(logging.INFO, "stopped", "stopped")
+
+    def _notify_ready(self) -> None:
+        self.notifier.ready(f"{self._count()} {self.counted} listening")
+
+    async def _announced(self, reload: Callable[[], Awaitable[_T]]) -> _T:
+        """Run `reload` between sd_notify RELOADING=1 and READY=1."""
+        self.notifier.reloading()
+        result = await reload()
+        self._notify_ready()
+        return result
+
+    def _begin_stopping(self) -> None:
+        """From now on: stopping (no reload), and the service manager is told so."""
+        self._stopping = True
+        self._stop_time = time.monotonic()
+        self.notifier.stopping()
+
+    async def _watch_signals(self, signals: Any) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                event(logging.INFO, "reloading", "reloading on SIGHUP", reason="SIGHUP")
+                await self.reload()
+            elif (
+                self._ignore_duplicate_stop and self._stopping and time.monotonic() - self._stop_time < DUPLICATE_WINDOW
+            ):
+                continue  # the same stop reaching a worker twice (service manager and supervisor)
+            elif not self._stopping:
+                event(logging.INFO, "stopping", "stopping on %s: %s", name, self.stopping_note, reason=name)
+                self._stop(signum)
+            else:
+                event(logging.INFO, "closing_all", "second %s: %s", name, self.closing_note, reason=name)
+                self._close_all(signum)
+
+    def _watched(self) -> tuple[list[Path], list[Path]]:
+        return watched_files(self.paths, self._configs())
+
+    async def _watch_files(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def changed() -> None:
+            event(logging.INFO, "reloading", "a configuration file changed: reloading", reason="file changed")
+            await self.reload()
+
+        await watch(self._watched, changed, interval=self.watch_interval, task_status=task_status)
