@@ -20,6 +20,7 @@ import trio
 
 from tunnel.config import Address, ConfigError, TunnelConfig, load_paths
 from tunnel.control import ControlLoop
+from tunnel.listener import Listeners
 from tunnel.logs import event
 from tunnel.metrics import PrometheusMetrics
 from tunnel.notify import Notifier
@@ -91,7 +92,8 @@ class Daemon(ControlLoop):
         self._retiring: list[Tunnel] = []  # stopped by a reload, still draining
         self.metrics = PrometheusMetrics(self.all_tunnels)
         self.worker = worker  # one of several processes: listeners use SO_REUSEPORT
-        self.tunnels = [Tunnel(state, self.metrics, reuse_port=worker) for state in states]
+        self.listeners = Listeners(reuse_port=worker)  # one owner of every listening socket
+        self.tunnels = [Tunnel(state, self.metrics, listeners=self.listeners) for state in states]
         self._reload_lock = trio.Lock()
         self._tunnel_nursery: trio.Nursery | None = None
         self.reload_failure: ReloadFailure | None = None
@@ -220,7 +222,7 @@ class Daemon(ControlLoop):
             {name: tunnel.state.config for name, tunnel in current.items()},
             {name: state.config for name, state in states.items()},
         )
-        starting = [Tunnel(states[name], self.metrics, reuse_port=self.worker) for name in plan.start]
+        starting = [Tunnel(states[name], self.metrics, listeners=self.listeners) for name in plan.start]
         for index, tunnel in enumerate(starting):
             try:
                 tunnel.bind()

@@ -181,3 +181,73 @@ async def accept(listener: socket.socket, name: str, tunnel: AcceptHealth | None
             sock.close()
             raise
         return sock, address
+
+
+class Listeners:
+    """The one owner of a process's listening sockets, keyed by listen address.
+
+    Tunnels borrow a socket (`borrow`) and give it back (`give_back`): the first borrow of
+    an address binds it, a second borrower of the same address gets the same socket (a
+    tunnel renamed on reload, and later several tunnels on one address chosen by SNI),
+    and the socket is closed (a unix socket file this registry made, unlinked) when the
+    last borrower gives it back. A socket the process was handed already bound (a
+    supervisor's, systemd's LISTEN_FDS) is `adopt`ed: served like the others, but its
+    path is never unlinked, since someone else made it (and may hand it on again).
+    Workers bind their own SO_REUSEPORT sockets (`reuse_port`), one per worker.
+    """
+
+    def __init__(self, *, reuse_port: bool = False) -> None:
+        self.reuse_port = reuse_port
+        self._sockets: dict[Address, socket.socket] = {}
+        self._borrowers: dict[Address, int] = {}
+        self._adopted: set[Address] = set()
+        self._accepting: dict[Address, trio.Lock] = {}
+
+    def accepting(self, address: Address) -> trio.Lock:
+        """Held by whichever borrower is waiting in accept(2) on `address`: trio lets one
+        task at a time wait for a descriptor, and while a reload hands an address from one
+        tunnel to another (a renamed one) both accept loops run for a moment."""
+        return self._accepting.setdefault(address, trio.Lock())
+
+    def adopt(self, address: Address, sock: socket.socket) -> None:
+        """Serve `sock`, already bound and listening, for `address` from now on."""
+        sock.setblocking(False)
+        self._sockets[address] = sock
+        self._borrowers.setdefault(address, 0)
+        self._adopted.add(address)
+
+    def borrow(self, address: Address, unix: UnixSocket | None = None) -> socket.socket:
+        """The listening socket for `address`, bound now if nobody holds it (OSError if it
+        cannot be bound; nothing changes then)."""
+        sock = self._sockets.get(address)
+        if sock is None:
+            sock = bind_listener(address, reuse_port=self.reuse_port, unix=unix)
+            self._sockets[address] = sock
+            self._borrowers[address] = 0
+        self._borrowers[address] += 1
+        return sock
+
+    def give_back(self, address: Address) -> None:
+        """One borrower is done with `address`; the last one closes it."""
+        if address not in self._borrowers:
+            return
+        self._borrowers[address] -= 1
+        if self._borrowers[address] > 0:
+            return
+        sock = self._sockets.pop(address)
+        del self._borrowers[address]
+        self._accepting.pop(address, None)
+        if address in self._adopted:
+            self._adopted.discard(address)
+            if sock.fileno() != -1:
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
+        else:
+            close_listener(sock, address)
+
+    def __contains__(self, address: Address) -> bool:
+        return address in self._sockets
+
+    def borrowers(self, address: Address) -> int:
+        """How many tunnels hold `address` now."""
+        return self._borrowers.get(address, 0)

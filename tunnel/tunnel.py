@@ -20,7 +20,7 @@ from tunnel.client_side import serve_plain_client
 from tunnel.config import UnixSocket, format_sockaddr
 from tunnel.connection import Connection, Story
 from tunnel.limits import SHED_DISPLACED, Gate, ShedLog, Ticket, source_key
-from tunnel.listener import accept, bind_listener, close_listener, set_unix_permissions
+from tunnel.listener import Listeners, accept, set_unix_permissions
 from tunnel.logs import event
 from tunnel.metrics import Metrics, NoMetrics
 from tunnel.outcomes import CLOSED_BY_THE_DAEMON, closed_on_reload
@@ -36,7 +36,11 @@ log = logging.getLogger("tunnel")
 class Tunnel:
     """A listener and its connections. `state` may be replaced at any time (reload)."""
 
-    def __init__(self, state: TunnelState, metrics: Metrics | None = None, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, state: TunnelState, metrics: Metrics | None = None, *, listeners: Listeners | None = None
+    ) -> None:
+        """`listeners`: the process's registry of listening sockets, which this tunnel
+        borrows its socket from (a registry of its own if none is given)."""
         self.state = state
         self.name = state.config.name
         self.metrics: Metrics = metrics or NoMetrics()
@@ -53,7 +57,7 @@ class Tunnel:
         self._listener: socket.socket | None = None
         self._drain = True
         self._bound = state.config.listen  # what the listener was bound to (listen may move)
-        self._reuse_port = reuse_port
+        self._listeners = listeners or Listeners()
 
     def bytes_moved(self) -> tuple[int, int]:
         """Bytes relayed so far (in = towards the target), ended and open connections alike."""
@@ -77,7 +81,7 @@ class Tunnel:
         if self._listener is None:
             address = self.state.config.listen
             try:
-                self._listener = bind_listener(address, reuse_port=self._reuse_port, unix=self.state.config.unix)
+                self._listener = self._listeners.borrow(address, self.state.config.unix)
                 self._bound = address
             except OSError as exc:
                 raise OSError(
@@ -110,7 +114,7 @@ class Tunnel:
                     )
                     await self._accept_loop(listener, connections)
                 self.listening = False
-                close_listener(listener, self._bound)
+                self._give_back_listener()
                 if self.connections:
                     event(
                         logging.INFO,
@@ -125,7 +129,7 @@ class Tunnel:
                     self.endings.drain_deadline = connections.cancel_scope.deadline
         finally:
             self.listening = False
-            close_listener(listener, self._bound)
+            self._give_back_listener()
 
     def set_unix_permissions(self, unix: UnixSocket) -> None:
         """Give a bound unix: listen socket file `unix.group` and `unix.mode` again (on
@@ -140,9 +144,13 @@ class Tunnel:
 
     def close_listener(self) -> None:
         """Give up a listener bound by `bind` that `serve` never ran on."""
+        self._give_back_listener()
+
+    def _give_back_listener(self) -> None:
+        """Return the socket to the registry (once), which closes it if nobody else holds it."""
         if self._listener is not None:
-            close_listener(self._listener, self._bound)
             self._listener = None
+            self._listeners.give_back(self._bound)
 
     def stop(self, *, drain: bool = True) -> None:
         """Stop accepting now. With drain, open connections get limits.drain_timeout to
@@ -189,7 +197,8 @@ class Tunnel:
             while True:
                 handshake = self.state.config.mode == "server"
                 await self.gate.wait_for_room(handshake=handshake, displace=tcp)
-                sock, address = await accept(listener, self.name, self)
+                async with self._listeners.accepting(self._bound):
+                    sock, address = await accept(listener, self.name, self)
                 try:
                     source = source_key(address) if tcp else None
                     while (ticket := self.gate.admit(source, trio.current_time(), handshake=handshake)) is None:

@@ -381,3 +381,27 @@ def test_a_ca_file_others_could_replace_is_refused_at_check_and_on_reload(
     with tls_client(own_pki, port, "app1") as client:
         assert echo_once(client, b"still the old state") == b"still the old state"
     own_pki.dir.chmod(0o700)
+
+
+def test_a_tunnel_renamed_by_reload_keeps_its_address(
+    pki_files: PKI, tmp_path: Path, target: EchoTarget, daemons: list[DaemonProcess]
+) -> None:
+    """The renamed tunnel is a new one on the same address: it used to try to bind the
+    address the old one still held, and the reload failed (address in use)."""
+    port = free_port()
+    path = write_yaml(tmp_path / "t.yaml", server_doc(pki_files, target.address, listen=f"127.0.0.1:{port}"))
+    daemon = DaemonProcess(tmp_path, str(path))
+    daemons.append(daemon)
+    daemon.wait_for("ready tunnels=1")
+    with tls_client(pki_files, port, "app1") as kept:
+        assert echo_once(kept, b"before") == b"before"
+        doc = server_doc(pki_files, target.address, listen=f"127.0.0.1:{port}", name="renamed")
+        write_yaml(path, doc)
+        log = daemon.reload()
+        assert "reloaded tunnels=1" in log, log
+        assert "reload failed" not in log
+        with tls_client(pki_files, port, "app1") as fresh:
+            assert echo_once(fresh, b"after") == b"after"
+        assert echo_once(kept, b"still open") == b"still open"
+    assert "opened tunnel=renamed" in daemon.log()
+    assert daemon.stop() == 0
