@@ -391,8 +391,14 @@ def run(
     logs.setup(log_format, f"worker={worker}" if worker is not None else "supervisor" if count > 1 else None)
     states = build_states(configs)
     if worker is not None:
+        import os
+
+        from tunnel.listener import HANDED_DOWN, Listeners, adopt_handed_down
+
         private = [Address(path=str(worker_status))] if worker_status else []
-        trio.run(Daemon(paths, states, watch_interval=0, status=private, worker=True).run)
+        listeners = Listeners(reuse_port=True)
+        adopt_handed_down(listeners, os.environ.pop(HANDED_DOWN, ""))  # the supervisor's, for this worker
+        trio.run(Daemon(paths, states, watch_interval=0, status=private, worker=True, listeners=listeners).run)
     elif count > 1:
         from tunnel.workers import Supervisor, check_listen_addresses, check_ports_free
 

@@ -78,7 +78,10 @@ class Daemon(ControlLoop):
         status: Sequence[Address] = (),
         notifier: Notifier | None = None,
         worker: bool = False,
+        listeners: Listeners | None = None,
     ) -> None:
+        """`listeners`: the registry of listening sockets, holding any the process was
+        handed (a worker's from its supervisor); a new one otherwise."""
         super().__init__(
             paths,
             status=status,
@@ -92,7 +95,7 @@ class Daemon(ControlLoop):
         self._retiring: list[Tunnel] = []  # stopped by a reload, still draining
         self.metrics = PrometheusMetrics(self.all_tunnels)
         self.worker = worker  # one of several processes: listeners use SO_REUSEPORT
-        self.listeners = Listeners(reuse_port=worker)  # one owner of every listening socket
+        self.listeners = listeners or Listeners(reuse_port=worker)  # one owner of every listening socket
         self.tunnels = [Tunnel(state, self.metrics, listeners=self.listeners) for state in states]
         self._reload_lock = trio.Lock()
         self._tunnel_nursery: trio.Nursery | None = None

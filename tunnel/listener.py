@@ -251,3 +251,22 @@ class Listeners:
     def borrowers(self, address: Address) -> int:
         """How many tunnels hold `address` now."""
         return self._borrowers.get(address, 0)
+
+
+HANDED_DOWN = "TUNNEL_LISTEN_FDS"  # a supervisor's sockets for one worker: "FD=ADDRESS,..."
+
+
+def handed_down(sockets: dict[Address, socket.socket]) -> str:
+    """The value of HANDED_DOWN that tells a worker which inherited descriptor serves
+    which listen address."""
+    return ",".join(f"{sock.fileno()}={address}" for address, sock in sockets.items())
+
+
+def adopt_handed_down(listeners: Listeners, value: str) -> None:
+    """Adopt the sockets a supervisor handed down (HANDED_DOWN's value) into `listeners`.
+    ValueError for a malformed value."""
+    from tunnel.config import parse_address
+
+    for item in filter(None, value.split(",")):
+        fd, _, address = item.partition("=")
+        listeners.adopt(parse_address(address), socket.socket(fileno=int(fd)))

@@ -1,9 +1,14 @@
 """`tunnel run --workers N`: one supervisor, N worker processes sharing each TCP listener.
 
-Python runs one core's worth of handshakes per process. With N workers every worker binds
-every listen address with SO_REUSEPORT and the kernel spreads new connections across them.
-The supervisor does what there must be only one of:
+Python runs one core's worth of handshakes per process. With N workers every listen
+address has N SO_REUSEPORT sockets, one per worker, and the kernel spreads new connections
+across them. The supervisor does what there must be only one of:
 
+* the listening sockets: it checks that no other process holds a port, binds each worker's
+  sockets at once, and hands them down (inherited descriptors, named in TUNNEL_LISTEN_FDS);
+  a worker that dies leaves its socket, and its backlog, to the one started after it, and
+  an address the tunnels leave on reload is closed here too (a worker binds an address
+  the configuration gains itself);
 * readiness: each worker reports to the supervisor over the sd_notify protocol (a
   datagram socket of the supervisor's own, handed down as NOTIFY_SOCKET); the supervisor
   tells systemd READY=1 once all N are listening, and RELOADING=1 / READY=1 around reloads;
@@ -26,7 +31,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from tunnel import http
 from tunnel.config import Address, ConfigError, TunnelConfig, load_paths
 from tunnel.control import ControlLoop
+from tunnel.listener import HANDED_DOWN, bind_listener, handed_down
 from tunnel.logs import event
 from tunnel.metrics import merge_texts
 from tunnel.notify import Notifier
@@ -99,6 +105,10 @@ class Supervisor(ControlLoop):
         self._processes: dict[int, trio.Process] = {}
         self._ready = 0
         self._ready_changed = trio.Event()
+        # Each worker's listening sockets, bound here and handed down: one owner, no
+        # check-then-bind between processes, and a worker that dies leaves its socket
+        # (its backlog) in place for the one started after it.
+        self._sockets: dict[int, dict[Address, socket.socket]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -108,6 +118,7 @@ class Supervisor(ControlLoop):
         try:
             await super().run(task_status=task_status)
         finally:
+            self._close_sockets(lambda address: True)
             if self._notify is not None:
                 self._notify.close()
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -124,6 +135,21 @@ class Supervisor(ControlLoop):
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(self._dir / "notify.sock"))
         self._notify = trio.socket.from_stdlib_socket(notify)
+        try:
+            for index in range(self.count):
+                self._sockets[index] = {}
+                for config in self.configs:
+                    self._sockets[index][config.listen] = bind_listener(config.listen, reuse_port=True)
+        except OSError as exc:
+            self._close_sockets(lambda address: True)
+            raise OSError(exc.errno, f"cannot listen for the workers: {exc.strerror or exc}") from exc
+
+    def _close_sockets(self, which: Callable[[Address], bool]) -> None:
+        """Close the handed-down sockets of the addresses `which` picks (all of them at the
+        end; on reload, those no tunnel listens on any more)."""
+        for sockets in self._sockets.values():
+            for address in [a for a in sockets if which(a)]:
+                sockets.pop(address).close()
 
     async def _start(self, serving: trio.Nursery, helpers: trio.Nursery) -> dict[str, Any]:
         """Start every worker; return once all report ready (or READY_TIMEOUT passed)."""
@@ -164,9 +190,16 @@ class Supervisor(ControlLoop):
         """Run worker `index`; start it again if it dies while the daemon is not stopping."""
         env = {**os.environ, "NOTIFY_SOCKET": str(self._dir / "notify.sock"), "TUNNEL_WORKER": str(index)}
         while True:
+            sockets = self._sockets.get(index, {})
+            env[HANDED_DOWN] = handed_down(sockets)
             # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which
             # passes it on once (a worker would count a second copy as "close everything now").
-            process = await trio.lowlevel.open_process(self._worker_command(index), env=env, start_new_session=True)
+            process = await trio.lowlevel.open_process(
+                self._worker_command(index),
+                env=env,
+                start_new_session=True,
+                pass_fds=[sock.fileno() for sock in sockets.values()],
+            )
             self._processes[index] = process
             try:
                 code = await process.wait()
@@ -222,6 +255,10 @@ class Supervisor(ControlLoop):
             return
         with contextlib.suppress(ConfigError):  # the workers report a bad file themselves
             self.configs = load_paths(self.paths)  # what to watch from now on
+            # An address no tunnel listens on any more must not stay bound here, where
+            # nobody accepts: the workers bind new addresses themselves.
+            listening = {config.listen for config in self.configs}
+            self._close_sockets(lambda address: address not in listening)
         await self._announced(self._reload_workers)
 
     async def _reload_workers(self) -> None:

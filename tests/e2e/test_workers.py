@@ -252,3 +252,73 @@ def test_json_lines_name_their_process_and_their_reload_and_signal_events(
     assert ("supervisor", "stopping") in events
     assert ("worker=0", "stopping") in events
     assert not [r for r in records if r["event"] == "message" and "reload" in r["message"]]
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Inodes of the sockets listening on 127.0.0.1:`port` (/proc/net/tcp, state 0A)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+            found.add(fields[9])
+    return found
+
+
+def socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[len("socket:[") : -1])
+    return found
+
+
+def test_the_supervisor_owns_the_workers_listening_sockets(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    """One owner: the supervisor binds one SO_REUSEPORT socket per worker and hands it
+    down (no probe, then a bind seconds later in another process); a restarted worker
+    gets the same socket, whose backlog waited for it."""
+    daemon, port, _ = start(pki_files, tmp_path, daemons, target)
+    listening = listening_inodes(port)
+    assert len(listening) == 2
+    supervisor = daemon.process.pid
+    assert listening <= socket_inodes(supervisor)
+    workers = children(supervisor)
+    held = [listening & socket_inodes(pid) for pid in workers]
+    assert sorted(len(h) for h in held) == [1, 1]
+    assert held[0] != held[1]
+    os.kill(workers[0], signal.SIGKILL)
+    daemon.wait_for("starting it again")
+    daemon.wait_for("ready workers=2", count=1)
+    deadline = time.monotonic() + 10
+    while len(children(supervisor)) < 2 or not any(
+        held[0] <= socket_inodes(pid) for pid in children(supervisor) if pid != workers[1]
+    ):
+        assert time.monotonic() < deadline, "the restarted worker did not get its socket back"
+        time.sleep(0.1)
+    assert listening_inodes(port) == listening  # the same two sockets all along
+    assert daemon.stop() == 0
+
+
+def test_a_port_the_workers_leave_on_reload_is_not_kept_open_by_the_supervisor(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    """The supervisor's copies of a socket nobody accepts on any more would queue connects
+    for ever: it closes them when the tunnel moves."""
+    daemon, port, _ = start(pki_files, tmp_path, daemons, target)
+    new_port = free_port()
+    path = tmp_path / "edge.yaml"
+    path.write_text(path.read_text().replace(f"127.0.0.1:{port}", f"127.0.0.1:{new_port}"))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded tunnels=1", count=2, timeout=20)
+    deadline = time.monotonic() + 10
+    while listening_inodes(port):
+        assert time.monotonic() < deadline, "the old port is still listening"
+        time.sleep(0.1)
+    with tls_client(pki_files, new_port, "app1") as client:
+        assert echo_once(client, b"moved") == b"moved"
+    assert daemon.stop() == 0
