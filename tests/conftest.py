@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Before tunnel is imported (here and in every daemon the tests start): a view of the
+# relay's scratch buffer used after it was overwritten raises (streams.ScratchMisuse).
+os.environ["TUNNEL_CHECK_SCRATCH"] = "1"
+
 from pathlib import Path
 
 import pytest

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import ssl
 import struct
@@ -53,6 +54,31 @@ _CIPHER_SCRATCH = bytearray(RECEIVE_SIZE)
 _CIPHER_VIEW = memoryview(_CIPHER_SCRATCH)
 _PLAIN_SCRATCH = bytearray(RECEIVE_SIZE)
 _PLAIN_VIEW = memoryview(_PLAIN_SCRATCH)
+
+# The scratch rule ("a view is valid until the caller next yields") checked, as trio's
+# ConflictDetector checks its own: with TUNNEL_CHECK_SCRATCH=1 (the test suite sets it)
+# sending a view of the scratch buffer that a later receive_view has overwritten raises
+# ScratchMisuse instead of relaying someone else's bytes. Off, it costs one test per send.
+_CHECK_SCRATCH = os.environ.get("TUNNEL_CHECK_SCRATCH") == "1"
+_handed_out: memoryview | None = None  # the scratch view handed out last (when checking)
+
+
+class ScratchMisuse(RuntimeError):
+    """A view of the scratch buffer was used after a later receive overwrote it: a
+    caller kept it across a yield (a bug in this program, never the peer's doing)."""
+
+
+def _lend(view: memoryview) -> memoryview:
+    """Hand out a view of the scratch buffer (and remember it, when checking)."""
+    global _handed_out
+    if _CHECK_SCRATCH:
+        _handed_out = view
+    return view
+
+
+def _check_scratch(data: bytes | bytearray | memoryview) -> None:
+    if isinstance(data, memoryview) and data.obj is _PLAIN_SCRATCH and data is not _handed_out:
+        raise ScratchMisuse("a receive_view result was sent after a later receive_view overwrote it")
 
 
 class StreamBroken(Exception):
@@ -100,6 +126,8 @@ class _SocketIO:
         """Send all of `data`. It may be a view of a scratch buffer: whatever the kernel
         does not take at once is copied before waiting, so the caller's buffer is free
         again as soon as this first yields."""
+        if _CHECK_SCRATCH:
+            _check_scratch(data)
         if data:
             try:
                 sent = self.sock.send(data)  # almost always all of it
@@ -182,7 +210,7 @@ class PlainStream(_SocketIO):
         yields to trio (it is the process-wide scratch buffer). For the relay."""
         view = _PLAIN_VIEW[: min(max_bytes, RECEIVE_SIZE)]
         n = await self._recv_into(view)
-        return view[:n]
+        return _lend(view[:n])
 
     send_all = _SocketIO._send_raw  # no extra coroutine per message
 
@@ -362,7 +390,7 @@ class TLSStream(_SocketIO):
             copy = memoryview(bytes(_PLAIN_VIEW[:total]))
             await self._flush()
             return copy
-        return _PLAIN_VIEW[:total]
+        return _lend(_PLAIN_VIEW[:total])
 
     async def _fill(self) -> bool:
         """Move one socket read of ciphertext into the incoming BIO; False at TCP EOF."""
@@ -379,6 +407,8 @@ class TLSStream(_SocketIO):
             raise trio.ClosedResourceError("send_eof was already called")
         if not data:
             return
+        if _CHECK_SCRATCH:
+            _check_scratch(data)
         try:
             self.ssl.write(data)
         except ssl.SSLError as exc:

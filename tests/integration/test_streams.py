@@ -7,6 +7,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import pytest
 import trio
 
 from tests.helpers import PKI
@@ -158,3 +159,26 @@ async def test_a_scratch_view_left_unsent_survives_the_scratch_being_reused() ->
             sock.close()
         stalled.close()
         feed.close()
+
+
+async def test_a_scratch_view_kept_across_a_yield_fails_loudly() -> None:
+    """receive_view lends the process-wide scratch buffer until the caller next yields;
+    a caller that keeps it while another receive refills the buffer would relay the
+    other connection's bytes. With TUNNEL_CHECK_SCRATCH=1 (the suite's) it raises."""
+    from tunnel import streams
+
+    assert streams._CHECK_SCRATCH
+    a_in, a_out = socket.socketpair()
+    b_in, b_out = socket.socketpair()
+    sink_in, sink_out = socket.socketpair()
+    with a_in, a_out, b_in, b_out, sink_in, sink_out:
+        a, b, sink = PlainStream(a_out), PlainStream(b_out), PlainStream(sink_in)
+        a_in.sendall(b"from a")
+        b_in.sendall(b"from b")
+        kept = await a.receive_view()
+        fresh = await b.receive_view()  # refills the scratch buffer under `kept`
+        assert bytes(kept) == b"from b"  # the reason for the rule
+        await sink.send_all(fresh)  # the view handed out last: fine
+        with pytest.raises(streams.ScratchMisuse):
+            await sink.send_all(kept)
+        await sink.send_all(bytes(kept))  # a copy is the caller's own
