@@ -32,20 +32,8 @@ UNIT=systemd/tunnel@.service
 UNIT_EXEC=/usr/local/bin/tunnel
 PY=/usr/bin/python3 # Debian's Python, as on a Debian 12 server
 
-step_start=$SECONDS
-all_start=$SECONDS
-timings=()
-step() {
-    if [[ -n ${step_name:-} ]]; then timings+=("$(printf '%4ss  %s' $((SECONDS - step_start)) "$step_name")"); fi
-    step_name=$1
-    step_start=$SECONDS
-    printf '\n== %s\n' "$1"
-}
-ok() { printf 'ok: %s\n' "$*"; }
-fail() {
-    printf 'FAIL: %s\n' "$*" >&2
-    exit 1
-}
+# shellcheck source=scripts/steps.sh
+source scripts/steps.sh # (the script has cd-ed to the repository)
 
 work=$(mktemp -d /tmp/check-deploy.XXXXXX)
 trap 'rm -rf "$work"' EXIT

@@ -39,20 +39,8 @@ REDIS_IMAGE=localhost/tunnel-check/redis:bookworm
 IMAGE=localhost/tunnel-check/tunnel:latest
 HARDENING=(--read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges)
 
-all_start=$SECONDS
-step_start=$SECONDS
-timings=()
-step() {
-    if [[ -n ${step_name:-} ]]; then timings+=("$(printf '%4ss  %s' $((SECONDS - step_start)) "$step_name")"); fi
-    step_name=$1
-    step_start=$SECONDS
-    printf '\n== %s\n' "$1"
-}
-ok() { printf 'ok: %s\n' "$*"; }
-fail() {
-    printf 'FAIL: %s\n' "$*" >&2
-    exit 1
-}
+# shellcheck source=scripts/steps.sh
+source scripts/steps.sh # (the script has cd-ed to the repository)
 skip() {
     printf 'SKIP: scripts/check-image.sh: %s\n' "$*"
     exit 0
