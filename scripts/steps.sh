@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shared by the check scripts (sourced): `step NAME` starts a timed step, `ok` and `fail`
 # report, `finish WHAT` prints each step's time and the total.
+# shellcheck disable=SC2034  # all_start and timings are read by the scripts that source this
 all_start=$SECONDS
 step_start=$SECONDS
 timings=()
