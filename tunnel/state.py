@@ -102,5 +102,6 @@ class TunnelState:
         peers = self.resumption.peers
         if stream.ssl.session_reused:
             return peers.resumption_refusal(leaf, datetime.now(UTC))
-        peers.remember(stream.presented_chain(), stream.verified_chain())
+        if not peers.knows(leaf):  # the chains cost a certificate object each: once per leaf
+            peers.remember(stream.presented_chain(), stream.verified_chain())
         return None

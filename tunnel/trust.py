@@ -472,6 +472,10 @@ class PeerRecords:
         record = self._records.get(leaf_der)
         return record.chain if record is not None else (leaf_der,)
 
+    def knows(self, leaf_der: bytes) -> bool:
+        """Whether a full handshake's verdict on this leaf is remembered already."""
+        return leaf_der in self._records
+
     def remember(self, presented: Sequence[bytes], verified: Sequence[bytes]) -> None:
         """After a full handshake: the chain the peer presented and the path OpenSSL
         verified (leaf first, anchor last), both DER."""
