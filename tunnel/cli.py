@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import click
 
 from tunnel import __version__, pki
-from tunnel.config import Address, ConfigError, load_paths, parse_address
+from tunnel.config import Address, ConfigError, load_paths, parse_address, parse_duration
 from tunnel.passwords import read_password_file
 
 EXIT_OK = 0
@@ -81,6 +82,21 @@ _dir_option = click.option(
     help="CA directory.",
 )
 _days = click.IntRange(min=1)
+
+
+def _lifetime(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt.timedelta | None:
+    """--lifetime: a duration as tunnel files write them."""
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be more than zero")
+    return dt.timedelta(seconds=seconds)
+
+
 _key_types = click.Choice(pki.KEY_TYPES)
 
 
@@ -180,7 +196,13 @@ def ca_init(directory: Path, name: str, days: int | None, key_type: str, force: 
 @click.option("--ip", multiple=True, metavar="ADDR", help="IP subjectAltName (repeatable).")
 @click.option("--uri", multiple=True, metavar="URI", help="URI subjectAltName (repeatable).")
 @click.option("--ou", help="Organizational unit in the subject.")
-@click.option("--days", type=_days, default=365, show_default=True, help="Validity.")
+@click.option("--days", type=_days, default=None, help="Validity in days [default: 365].")
+@click.option(
+    "--lifetime",
+    metavar="DURATION",
+    callback=_lifetime,
+    help="Validity as a duration (30s, 15m, 24h): for short-lived certificates; instead of --days.",
+)
 @click.option("--key-type", type=_key_types, help="Key type (default: the CA's).")
 @click.option("--force", is_flag=True, help="Replace an existing NAME.key and NAME.crt.")
 @click.option(
@@ -197,7 +219,8 @@ def ca_issue(
     ip: Sequence[str],
     uri: Sequence[str],
     ou: str | None,
-    days: int,
+    days: int | None,
+    lifetime: dt.timedelta | None,
     key_type: str | None,
     force: bool,
     key_password_file: Path | None,
@@ -212,6 +235,8 @@ def ca_issue(
     """
     if server == client:
         raise click.UsageError("exactly one of --server or --client is required")
+    if days is not None and lifetime is not None:
+        raise click.UsageError("give --days or --lifetime, not both")
     key_password = None
     if key_password_file is not None:
         try:
@@ -230,7 +255,8 @@ def ca_issue(
         ips=ip,
         uris=uri,
         ou=ou,
-        days=days,
+        days=days or 365,
+        lifetime=lifetime,
         force=force,
         key_type=key_type,
         key_password=key_password,

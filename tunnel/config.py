@@ -86,6 +86,7 @@ class Limits:
     per_source_handshakes: int = 0  # limits.per_source.handshakes: min(32, max_handshakes)
     per_source_connections: int = 0  # limits.per_source.connections: min(256, max_connections)
     per_identity_connections: int = 0  # max_connections
+    close_on_expiry: bool = True  # close a connection when its peer's certificate expires
 
     def __post_init__(self) -> None:
         derived = {
@@ -164,6 +165,7 @@ LIMIT_KEYS = {
     "max_handshakes",
     "per_source",
     "per_identity_connections",
+    "close_on_expiry",
 }
 PER_SOURCE_KEYS = {"handshakes", "connections"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -578,7 +580,13 @@ def _parse_limits(r: _Reader, value: object) -> Limits:
         "per_source_connections": _count(r, per_source, "connections", "limits.per_source"),
         "per_identity_connections": _count(r, limits, "per_identity_connections", "limits"),
     }
-    caps = Limits(max_connections=max_connections, **counts)  # the unset ones worked out
+    caps = Limits(  # the unset ones worked out
+        max_connections=max_connections,
+        max_handshakes=counts["max_handshakes"],
+        per_source_handshakes=counts["per_source_handshakes"],
+        per_source_connections=counts["per_source_connections"],
+        per_identity_connections=counts["per_identity_connections"],
+    )
     for key, value, cap, cap_key in (
         ("limits.max_handshakes", counts["max_handshakes"], max_connections, "limits.max_connections"),
         ("limits.per_source.connections", counts["per_source_connections"], max_connections, "limits.max_connections"),
@@ -605,8 +613,20 @@ def _parse_limits(r: _Reader, value: object) -> Limits:
         idle_timeout=None if idle == 0 else idle,
         max_connections=max_connections,
         drain_timeout=durations.get("drain_timeout", defaults.drain_timeout),
-        **{key: getattr(caps, key) for key in counts},
+        close_on_expiry=_flag(r, limits, "close_on_expiry", "limits", defaults.close_on_expiry),
+        max_handshakes=caps.max_handshakes,
+        per_source_handshakes=caps.per_source_handshakes,
+        per_source_connections=caps.per_source_connections,
+        per_identity_connections=caps.per_identity_connections,
     )
+
+
+def _flag(r: _Reader, mapping: Mapping[str, Any], name: str, section: str, default: bool) -> bool:
+    """The boolean at `section.name` (true or false, as YAML writes them), or `default`."""
+    value = mapping.get(name, default)
+    if not isinstance(value, bool):
+        raise r.error(f"{section}.{name}", f"expected true or false, not {_show(value)}")
+    return value
 
 
 def _count(r: _Reader, mapping: Mapping[str, Any], name: str, section: str) -> int:

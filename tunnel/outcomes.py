@@ -158,6 +158,7 @@ def ssl_reason(exc: ssl.SSLError) -> str:
 BOTH_SIDES_CLOSED = Outcome("done", "both sides closed")
 CLOSED_BY_THE_DAEMON = Outcome("shutdown", "closed by the daemon")
 DRAIN_TIMEOUT = Outcome("shutdown", "drain timeout")
+CERTIFICATE_EXPIRED_END = Outcome("expired", "certificate expired")  # limits.close_on_expiry
 
 
 def idle(seconds: float) -> Outcome:
@@ -177,4 +178,4 @@ def target_unavailable(detail: str) -> Outcome:
     return Outcome("target unavailable", f"target unavailable: {detail}")
 
 
-END_LABELS = ("done", "idle", "client error", "target error", "reload", "target unavailable", "shutdown")
+END_LABELS = ("done", "idle", "client error", "target error", "reload", "target unavailable", "shutdown", "expired")

@@ -187,14 +187,19 @@ def issue(
     force: bool = False,
     key_type: str | None = None,
     key_password: bytes | None = None,
+    lifetime: dt.timedelta | None = None,
 ) -> tuple[Path, Path]:
     """Issue a server or client certificate NAME.crt/NAME.key; return (crt_path, key_path).
+    Valid for *lifetime* if given (short-lived certificates: `24h`, `30s`), else *days*.
     With *key_password*, NAME.key is encrypted with it (PKCS#8; tunnel files then need
     tls.key_password_file)."""
     _check_name(name)
     if kind not in KINDS:
         raise PKIError(f"unknown certificate kind {kind!r}; expected one of {', '.join(KINDS)}")
     _check_days(days)
+    if lifetime is not None and lifetime <= dt.timedelta(0):
+        raise PKIError("the lifetime must be more than zero")
+    valid = lifetime if lifetime is not None else dt.timedelta(days=days)
     if key_type is not None:
         _check_key_type(key_type)
     sans = _subject_alt_names(dns, ips, uris)
@@ -207,10 +212,10 @@ def issue(
         _refuse_existing(key_path, crt_path)
 
     now = _now()
-    not_after = now + dt.timedelta(days=days)
+    not_after = now + valid
     if not_after > ca_cert.not_valid_after_utc:
         raise PKIError(
-            f"a {days}-day certificate would outlive the CA certificate "
+            f"a certificate valid {_span(valid)} would outlive the CA certificate "
             f"{directory / CA_CRT} (expires {ca_cert.not_valid_after_utc:%Y-%m-%d}); "
             "use fewer --days"
         )
@@ -222,7 +227,7 @@ def issue(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_before(now - backdate(valid))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -326,6 +331,17 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def backdate(lifetime: dt.timedelta) -> dt.timedelta:
+    """How far before now a certificate's notBefore goes, for clocks a little behind the
+    issuer's: CLOCK_SKEW, or a tenth of a short lifetime (a 30-second certificate is not
+    backdated by minutes, which would make it look two-thirds spent when issued)."""
+    return min(CLOCK_SKEW, lifetime / 10)
+
+
+def _span(valid: dt.timedelta) -> str:
+    return f"{valid.days} days" if valid.days and not valid.seconds else str(valid)
 
 
 def _check_name(name: str) -> None:

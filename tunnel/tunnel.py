@@ -10,7 +10,7 @@ import contextlib
 import logging
 import socket
 import struct
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tunnel.limits import SHED_DISPLACED, Gate, ShedLog, Ticket, source_key
 from tunnel.listener import Listeners, accept, set_unix_permissions
 from tunnel.logs import event
 from tunnel.metrics import Metrics, NoMetrics
-from tunnel.outcomes import CLOSED_BY_THE_DAEMON, closed_on_reload
+from tunnel.outcomes import CERTIFICATE_EXPIRED, CERTIFICATE_EXPIRED_END, CLOSED_BY_THE_DAEMON, closed_on_reload
 from tunnel.pipeline import Endings, refuse
 from tunnel.server_side import serve_tls_client
 from tunnel.state import TunnelState
@@ -31,6 +31,8 @@ from tunnel.streams import PlainStream
 from tunnel.unix_peers import peer_credentials, unix_peer_refusal
 
 log = logging.getLogger("tunnel")
+
+EXPIRY_SWEEP = 1.0  # seconds between looks for connections whose peer's certificate expired
 
 
 class Tunnel:
@@ -173,6 +175,22 @@ class Tunnel:
                 self.story.closing(conn, why)
                 conn.cancel_scope.cancel()
 
+    async def _close_expired(self) -> None:
+        """limits.close_on_expiry: a connection lasts no longer than the certificate that
+        authorised it (its peer's, in either mode). Checked every EXPIRY_SWEEP seconds;
+        closed with a reset and logged `closing ...: certificate expired`, as a revocation
+        is. Runs while the tunnel accepts."""
+        while True:
+            await trio.sleep(EXPIRY_SWEEP)
+            if not self.state.config.limits.close_on_expiry or not self.connections:
+                continue
+            now = datetime.now(UTC)
+            for conn in list(self.connections.values()):
+                if conn.identity is not None and conn.identity.not_after <= now and conn.stats.end is None:
+                    conn.stats.end = CERTIFICATE_EXPIRED_END
+                    self.story.closing(conn, CERTIFICATE_EXPIRED)
+                    conn.cancel_scope.cancel()
+
     def abort(self) -> None:
         """Stop accepting and close every open connection now (with a reset)."""
         self.endings.abort()
@@ -194,6 +212,7 @@ class Tunnel:
         tcp = listener.family != socket.AF_UNIX
         async with trio.open_nursery() as reporter:
             reporter.start_soon(self._shed_log.report_every_interval)
+            reporter.start_soon(self._close_expired)  # while accepting (a drain is bounded anyway)
             while True:
                 handshake = self.state.config.mode == "server"
                 await self.gate.wait_for_room(handshake=handshake, displace=tcp)

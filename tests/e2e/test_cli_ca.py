@@ -215,3 +215,16 @@ def test_ca_init_makes_its_directories_0700_even_under_umask_000(tmp_path: Path)
         assert (tmp_path / directory).stat().st_mode & 0o777 == 0o700, directory
     assert (tmp_path / "a/b/ca/ca.key").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "a/b/ca/ca.crt").stat().st_mode & 0o022 == 0
+
+
+def test_ca_issue_lifetime_gives_a_short_lived_certificate(tmp_path: Path) -> None:
+    ok("ca", "init", "--dir", "ca", cwd=tmp_path)
+    ok("ca", "issue", "--dir", "ca", "brief", "--client", "--lifetime", "90s", cwd=tmp_path)
+    cert = x509.load_pem_x509_certificate((tmp_path / "ca" / "brief.crt").read_bytes())
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds() == 99  # 90 s + 9 s back
+    both = tunnel("ca", "issue", "--dir", "ca", "x", "--client", "--lifetime", "1h", "--days", "2", cwd=tmp_path)
+    assert both.returncode == 2
+    assert "give --days or --lifetime, not both" in both.stderr
+    bad = tunnel("ca", "issue", "--dir", "ca", "y", "--client", "--lifetime", "soon", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "Invalid value for '--lifetime'" in bad.stderr

@@ -496,3 +496,42 @@ async def test_a_huge_common_name_is_refused_before_the_target_is_dialled(
     if size == 20_000:
         assert "identity=cn=" + "a" * 64 + f"... ({size} bytes)" in refused[0]
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("close_on_expiry", [True, False])
+async def test_a_connection_is_closed_when_its_peer_certificate_expires(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture, close_on_expiry: bool
+) -> None:
+    """limits.close_on_expiry (default true): a connection lasts no longer than the
+    certificate that authorised it, as revocation cuts it on reload."""
+    caplog.set_level(logging.INFO, logger="tunnel")
+    expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=3)
+    issue_dated(pki_files.dir, "brief", not_before=expires - dt.timedelta(days=1), not_after=expires, out=tmp_path)
+    ctx = pki_files.client_context("")
+    ctx.load_cert_chain(tmp_path / "brief.crt", tmp_path / "brief.key")
+    async with backend(echo) as target:
+        doc = server_doc(pki_files, target.address, allow={"cn": ["brief"]})
+        if not close_on_expiry:
+            doc["limits"]["close_on_expiry"] = False
+        async with running_tunnel(write_yaml(tmp_path / "s.yaml", doc)) as (_, address):
+            host, _, port = address.rpartition(":")
+            stream = trio.SSLStream(await trio.open_tcp_stream(host, int(port)), ctx, server_hostname="localhost")
+            with trio.fail_after(5):
+                await stream.send_all(b"ping")
+                assert await stream.receive_some(4) == b"ping"
+            await trio.sleep((expires - dt.datetime.now(dt.UTC)).total_seconds() + 1.5)
+            with trio.fail_after(5):
+                try:
+                    await stream.send_all(b"pong")
+                    got = await stream.receive_some(4)
+                except trio.BrokenResourceError:
+                    got = b""
+            await trio.aclose_forcefully(stream)
+    closing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("closing ")]
+    if close_on_expiry:
+        assert got == b""
+        assert closing
+        assert closing[0].endswith(": certificate expired")
+    else:
+        assert got == b"pong"
+        assert not closing

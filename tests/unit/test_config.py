@@ -643,6 +643,7 @@ BAD: list[tuple[str, object, str, str]] = [
         "too long",
     ),
     ("max-connections-zero", {**S, "limits": {"max_connections": 0}}, "limits.max_connections", "at least 1"),
+    ("close-on-expiry-string", {**S, "limits": {"close_on_expiry": "yes"}}, "limits.close_on_expiry", "true or false"),
     ("max-connections-string", {**S, "limits": {"max_connections": "10"}}, "limits.max_connections", "whole number"),
     ("max-connections-bool", {**S, "limits": {"max_connections": True}}, "limits.max_connections", "whole number"),
     ("max-connections-float", {**S, "limits": {"max_connections": 10.0}}, "limits.max_connections", "whole number"),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_every_address_of_one_ipv6_64_is_one_source() -> None:
     assert keys == {"2001:db8:0:7::/64"}
 
 
-def limits(**caps: int) -> Limits:
+def limits(**caps: Any) -> Limits:
     return Limits(handshake_timeout=10.0, **caps)  # displace after 1 s
 
 

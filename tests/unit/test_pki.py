@@ -563,3 +563,21 @@ def test_openssl_honours_the_crl(ca_dir: Path) -> None:
     _connect(*contexts("app"), hostname="redis")
     with pytest.raises(ssl.SSLCertVerificationError, match="certificate revoked"):
         _connect(*contexts("bad"), hostname="redis")
+
+
+def test_a_short_lifetime_is_not_backdated_by_minutes(ca_dir: Path) -> None:
+    """A 30-second certificate backdated by the usual 5 minutes would look nine-tenths
+    spent when issued, and renew at once."""
+    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    crt, _ = pki.issue(ca_dir, "brief", kind="client", lifetime=dt.timedelta(seconds=30))
+    cert = load_cert(crt)
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == dt.timedelta(seconds=33)
+    assert cert.not_valid_before_utc >= before - dt.timedelta(seconds=4)
+    crt, _ = pki.issue(ca_dir, "yearly", kind="client")
+    cert = load_cert(crt)
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == dt.timedelta(days=365, minutes=5)
+
+
+def test_a_lifetime_must_be_positive(ca_dir: Path) -> None:
+    with pytest.raises(pki.PKIError, match="more than zero"):
+        pki.issue(ca_dir, "never", kind="client", lifetime=dt.timedelta(0))
