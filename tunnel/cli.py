@@ -323,6 +323,132 @@ def ca_show(file: Path) -> None:
     click.echo(pki.describe(file))
 
 
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl(text: str) -> Any:
+    """`90s`, `30m`, `1h`, `2d` -> datetime.timedelta; click.BadParameter otherwise."""
+    import datetime as dt
+
+    number, unit = text[:-1], text[-1:]
+    if unit not in _TTL_UNITS or not number.isdigit() or int(number) < 1:
+        raise click.BadParameter(f"{text!r}: expected a positive number and s, m, h or d (e.g. 1h)")
+    return dt.timedelta(seconds=int(number) * _TTL_UNITS[unit])
+
+
+@ca.command("token", short_help="Make a one-time enrollment token (for `tunnel ca enroll`).")
+@_dir_option
+@click.argument("name")
+@click.option("--server", is_flag=True, help="For a server certificate. This or --client is required.")
+@click.option("--client", is_flag=True, help="For a client certificate. This or --server is required.")
+@click.option("--dns", multiple=True, metavar="NAME", help="DNS subjectAltName (repeatable).")
+@click.option("--ip", multiple=True, metavar="ADDR", help="IP subjectAltName (repeatable).")
+@click.option("--uri", multiple=True, metavar="URI", help="URI subjectAltName (repeatable).")
+@click.option("--days", type=_days, default=30, show_default=True, help="Validity of the certificate it enrolls.")
+@click.option("--ttl", default="1h", show_default=True, help="How long the token may be used: 90s, 30m, 1h, 2d.")
+def ca_token(
+    directory: Path,
+    name: str,
+    server: bool,
+    client: bool,
+    dns: Sequence[str],
+    ip: Sequence[str],
+    uri: Sequence[str],
+    days: int,
+    ttl: str,
+) -> None:
+    """Print a token that enrolls NAME once, with exactly these SANs (a server gets
+    DNS:NAME if none), before --ttl runs out. The CA directory keeps only its SHA-256
+    (tokens.json, mode 0600).
+
+    \b
+    Example:
+      tunnel ca token --dir certs app1 --client --ttl 1h
+    """
+    if server == client:
+        raise click.UsageError("exactly one of --server or --client is required")
+    from tunnel.ca import tokens
+
+    lifetime = _ttl(ttl)
+    kind = "server" if server else "client"
+    token = tokens.create(directory, name, kind=kind, dns=dns, ips=ip, uris=uri, days=days, ttl=lifetime)
+    click.echo(token)
+
+
+@ca.command("serve", short_help="Serve the CA over HTTPS for enrollment (EST, RFC 7030).")
+@_dir_option
+@click.option("--listen", required=True, metavar="HOST:PORT", help="Address to listen on (port 0: any free port).")
+@click.option(
+    "--cert",
+    "cert_name",
+    default="est",
+    show_default=True,
+    help="The server certificate NAME.crt/NAME.key in --dir; issued for the listen host if missing.",
+)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def ca_serve(directory: Path, listen: str, cert_name: str, log_format: str) -> None:
+    """Serve /.well-known/est/cacerts, simpleenroll (with a token from `tunnel ca token`)
+    and simplereenroll (with the current certificate as TLS client certificate) until
+    SIGINT/SIGTERM. Every issuance is written as NAME.crt in --dir and logged.
+
+    \b
+    Example:
+      tunnel ca serve --dir certs --listen 0.0.0.0:8443 --cert est
+    """
+    import trio
+
+    from tunnel import logs
+    from tunnel.ca import serve
+
+    try:
+        address = parse_address(listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--listen") from None
+    if address.path is not None or address.host is None or address.port is None:
+        raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
+    logs.setup(log_format)
+    pki._check_name(cert_name)
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(lambda: serve.serve(directory, address.host or "", address.port or 0, cert_name=cert_name))
+
+
+@ca.command("enroll", short_help="Get a certificate from `tunnel ca serve` with a token.")
+@click.option("--url", required=True, metavar="URL", help="The CA's service: https://HOST:PORT.")
+@click.option("--token", required=True, help="The token `tunnel ca token` printed.")
+@click.option(
+    "--ca-fingerprint",
+    required=True,
+    metavar="SHA256",
+    help="SHA-256 of the CA's anchor certificate (`tunnel ca show DIR/ca.crt`), hex, colons allowed.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    metavar="DIR/NAME",
+    help="Writes DIR/NAME.crt, DIR/NAME.key (0600) and DIR/ca.crt; NAME must be the token's.",
+)
+def ca_enroll(url: str, token: str, ca_fingerprint: str, out: Path) -> None:
+    """Make a key here (EC P-256), check the server's CA against --ca-fingerprint, and
+    have the CA certify the key with the one-time token (EST simpleenroll, RFC 7030 4.2).
+
+    \b
+    Example:
+      tunnel ca enroll --url https://ca.internal:8443 --token "$TOKEN" \\
+          --ca-fingerprint 3f1c...e9 --out /etc/tunnel/app1
+    """
+    import trio
+
+    from tunnel.ca import enroll
+
+    try:
+        crt, key, anchor = trio.run(enroll.enroll, url, token, ca_fingerprint, out)
+    except enroll.EnrollError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_FAILURE) from None
+    click.echo(f"wrote {crt}, {key} and {anchor}")
+
+
 _paths_argument = click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="PATH...")
 
 
