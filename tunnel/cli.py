@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,14 +187,38 @@ def ca_init(directory: Path, name: str, days: int | None, key_type: str, force: 
         click.echo(f"wrote {parent / (directory.resolve().name + '.crt')} (revoke the intermediate there)")
 
 
+def _kind_and_names(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--server / --client (exactly one) and --dns / --ip / --uri, for `issue` and `token`."""
+    options = [
+        click.option(
+            "--server", is_flag=True, help=f"{what} a server certificate (serverAuth). This or --client is required."
+        ),
+        click.option(
+            "--client", is_flag=True, help=f"{what} a client certificate (clientAuth). This or --server is required."
+        ),
+        click.option("--dns", multiple=True, metavar="NAME", help="DNS subjectAltName (repeatable)."),
+        click.option("--ip", multiple=True, metavar="ADDR", help="IP subjectAltName (repeatable)."),
+        click.option("--uri", multiple=True, metavar="URI", help="URI subjectAltName (repeatable)."),
+    ]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _one_kind(server: bool, client: bool) -> str:
+    if server == client:
+        raise click.UsageError("exactly one of --server or --client is required")
+    return "server" if server else "client"
+
+
 @ca.command("issue", short_help="Issue a server or client certificate.")
 @_dir_option
 @click.argument("name")
-@click.option("--server", is_flag=True, help="Issue a server certificate (serverAuth). This or --client is required.")
-@click.option("--client", is_flag=True, help="Issue a client certificate (clientAuth). This or --server is required.")
-@click.option("--dns", multiple=True, metavar="NAME", help="DNS subjectAltName (repeatable).")
-@click.option("--ip", multiple=True, metavar="ADDR", help="IP subjectAltName (repeatable).")
-@click.option("--uri", multiple=True, metavar="URI", help="URI subjectAltName (repeatable).")
+@_kind_and_names("Issue")
 @click.option("--ou", help="Organizational unit in the subject.")
 @click.option("--days", type=_days, default=None, help="Validity in days [default: 365].")
 @click.option(
@@ -233,8 +257,7 @@ def ca_issue(
       tunnel ca issue --dir certs redis --server --dns redis.internal --ip 10.0.0.5
       tunnel ca issue --dir certs app1 --client --ou payments
     """
-    if server == client:
-        raise click.UsageError("exactly one of --server or --client is required")
+    kind = _one_kind(server, client)
     if days is not None and lifetime is not None:
         raise click.UsageError("give --days or --lifetime, not both")
     key_password = None
@@ -250,7 +273,7 @@ def ca_issue(
     crt, key = pki.issue(
         directory,
         name,
-        kind="server" if server else "client",
+        kind=kind,
         dns=dns,
         ips=ip,
         uris=uri,
@@ -339,11 +362,7 @@ def _ttl(text: str) -> Any:
 @ca.command("token", short_help="Make a one-time enrollment token (for `tunnel ca enroll`).")
 @_dir_option
 @click.argument("name")
-@click.option("--server", is_flag=True, help="For a server certificate. This or --client is required.")
-@click.option("--client", is_flag=True, help="For a client certificate. This or --server is required.")
-@click.option("--dns", multiple=True, metavar="NAME", help="DNS subjectAltName (repeatable).")
-@click.option("--ip", multiple=True, metavar="ADDR", help="IP subjectAltName (repeatable).")
-@click.option("--uri", multiple=True, metavar="URI", help="URI subjectAltName (repeatable).")
+@_kind_and_names("For")
 @click.option("--days", type=_days, default=30, show_default=True, help="Validity of the certificate it enrolls.")
 @click.option("--ttl", default="1h", show_default=True, help="How long the token may be used: 90s, 30m, 1h, 2d.")
 def ca_token(
@@ -365,12 +384,10 @@ def ca_token(
     Example:
       tunnel ca token --dir certs app1 --client --ttl 1h
     """
-    if server == client:
-        raise click.UsageError("exactly one of --server or --client is required")
+    kind = _one_kind(server, client)
     from tunnel.ca import tokens
 
     lifetime = _ttl(ttl)
-    kind = "server" if server else "client"
     token = tokens.create(directory, name, kind=kind, dns=dns, ips=ip, uris=uri, days=days, ttl=lifetime)
     click.echo(token)
 
