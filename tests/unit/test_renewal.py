@@ -11,6 +11,7 @@ import pytest
 
 from tunnel.config import ConfigError, Renew, load_file
 from tunnel.renewal import JITTER, renewal_due
+from tunnel.status import render
 
 from .test_config import client_doc, make_pki_files, server_doc, write_yaml
 
@@ -118,3 +119,17 @@ def test_a_bad_tls_renew_names_its_key(tmp_path: Path, renew: Any, key: str, mes
         load_renew(tmp_path, renew)
     assert caught.value.key == key
     assert message in str(caught.value)
+
+
+def test_tunnel_status_shows_each_failing_renewal_escaped() -> None:
+    health = {
+        "status": "ok",
+        "tunnels": {"redis": "listening"},
+        "renewal": {
+            "redis": {"failing_since": "2026-01-01T00:00:00+00:00", "reason": "10.0.0.1:8443: Connection refused"},
+            "edge\x1b]0;x\x07": {"failing_since": "2026-01-02T00:00:00+00:00", "reason": "403 revoked\n"},
+        },
+    }
+    lines = render(health, []).split("\n")
+    assert lines[1] == "renewal of redis failing since 2026-01-01T00:00:00+00:00: 10.0.0.1:8443: Connection refused"
+    assert lines[2] == "renewal of edge\\x1b]0;x\\x07 failing since 2026-01-02T00:00:00+00:00: 403 revoked\\n"
