@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -80,7 +81,7 @@ async def renew(tls: TLSConfig) -> Renewed:
     except (OSError, ValueError, TypeError) as exc:
         raise RenewError(f"cannot read the current key and certificate: {exc}") from None
     leaf, intermediates = chain[0], chain[1:]
-    key = _new_key_like(current_key)
+    key = await trio.to_thread.run_sync(_new_key_like, current_key)  # RSA takes a while
     csr = _csr(leaf, key)
     try:
         ctx = ssl.create_default_context(cafile=str(tls.ca))
@@ -104,7 +105,7 @@ async def renew(tls: TLSConfig) -> Renewed:
     )
     cert_pem = b"".join(c.public_bytes(pem) for c in [cert, *intermediates])
     try:
-        write_pair(tls.key, key_pem, tls.cert, cert_pem)
+        await trio.to_thread.run_sync(write_pair, tls.key, key_pem, tls.cert, cert_pem)
     except OSError as exc:
         raise RenewError(f"cannot write the renewed key and certificate: {exc}") from None
     return Renewed(cert.serial_number, cert.not_valid_after_utc)
