@@ -330,16 +330,18 @@ class Daemon(ControlLoop):
                 self._renewals[name] = (key, scope)
                 self._helpers.start_soon(self._renewal, name, scope)
 
-    def _serving(self, name: str) -> Tunnel:
-        return next(tunnel for tunnel in self.tunnels if tunnel.name == name)
+    def _serving(self, name: str) -> Tunnel | None:
+        return next((tunnel for tunnel in self.tunnels if tunnel.name == name), None)
 
     async def _renewal(self, name: str, scope: trio.CancelScope) -> None:
         """Wait until the certificate is due (tunnel/renewal.py renewal_due), renew it,
         retrying failures after RETRY_FIRST seconds doubling to RETRY_MAX, then reload;
         the reload re-plans (a new task for the new certificate)."""
         with scope:
-            state = self._serving(name).state
-            tls, cert = state.config.tls, state.certificates.cert
+            tunnel = self._serving(name)
+            if tunnel is None:  # a reload removed it before this task began
+                return
+            tls, cert = tunnel.state.config.tls, tunnel.state.certificates.cert
             assert tls.renew is not None
             due = renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc, tls.renew, random.random())
             await trio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()))
