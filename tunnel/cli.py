@@ -567,7 +567,11 @@ def run(
         private = [Address(path=str(worker_status))] if worker_status else []
         listeners = Listeners(reuse_port=True)
         adopt_handed_down(listeners, os.environ.pop(HANDED_DOWN, ""))  # the supervisor's, for this worker
-        trio.run(Daemon(paths, states, watch_interval=0, status=private, worker=True, listeners=listeners).run)
+        trio.run(
+            Daemon(
+                paths, states, watch_interval=0, status=private, worker=True, listeners=listeners, renews=worker == 0
+            ).run
+        )
     elif count > 1:
         from tunnel.workers import Supervisor, check_listen_addresses, check_ports_free
 

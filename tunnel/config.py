@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -64,6 +65,17 @@ def format_sockaddr(address: Any) -> str:
 
 
 @dataclass(frozen=True)
+class Renew:
+    """`tls.renew`: re-enroll over EST (RFC 7030 section 4.2.2, simplereenroll) at `url`
+    (https://HOST[:PORT]) when `fraction` of the certificate's lifetime is left, or
+    `seconds` before it expires (exactly one of the two is set)."""
+
+    url: str
+    fraction: float | None = 0.33
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class TLSConfig:
     cert: Path
     key: Path
@@ -72,6 +84,7 @@ class TLSConfig:
     server_name: str | None = None
     min_version: Literal["1.2", "1.3"] = "1.2"
     key_password_file: Path | None = None  # the password of an encrypted tls.key
+    renew: Renew | None = None  # tls.renew: renew the certificate over EST before it expires
 
 
 @dataclass(frozen=True)
@@ -154,7 +167,9 @@ TOP_KEYS = {
     "unix",
 }
 UNIX_KEYS = {"mode", "group", "allow_users", "allow_groups"}
-TLS_KEYS = {"cert", "key", "ca", "crl", "server_name", "min_version", "key_password_file"}
+TLS_KEYS = {"cert", "key", "ca", "crl", "server_name", "min_version", "key_password_file", "renew"}
+RENEW_KEYS = {"url", "before"}
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$", re.ASCII)
 ALLOW_KEYS = {"cn", "dns", "uri", "ou", "fingerprint", "any"}
 LIMIT_KEYS = {
     "handshake_timeout",
@@ -472,7 +487,39 @@ def _parse_tls(r: _Reader, value: object, mode: str, targets: tuple[Address, ...
         server_name=server_name,
         min_version="1.3" if min_version == "1.3" else "1.2",
         key_password_file=key_password_file,
+        renew=_parse_renew(r, tls["renew"]) if tls.get("renew") is not None else None,
     )
+
+
+def _parse_renew(r: _Reader, value: object) -> Renew:
+    """`tls.renew: {url: https://HOST[:PORT], before: 33% | DURATION}`."""
+    renew = r.mapping(value, "tls.renew", RENEW_KEYS)
+    if "url" not in renew:
+        raise r.error("tls.renew.url", "required")
+    url = r.string(renew["url"], "tls.renew.url")
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme != "https" or not parts.hostname or not port_ok or parts.path not in ("", "/"):
+        raise r.error("tls.renew.url", f"expected https://HOST[:PORT], not {_show(url)}")
+    before = renew.get("before", "33%")
+    match = _PERCENT.match(before) if isinstance(before, str) else None
+    if match:
+        percent = float(match.group(1))
+        if not 1 <= percent <= 99:
+            raise r.error("tls.renew.before", f"a share of the lifetime must be from 1% to 99%, not {_show(before)}")
+        return Renew(url=url, fraction=percent / 100, seconds=None)
+    try:
+        seconds = parse_duration(before)
+    except ValueError as exc:
+        raise r.error(
+            "tls.renew.before", f"expected a percentage such as 33% or a duration such as 8h: {exc}"
+        ) from None
+    if seconds <= 0:
+        raise r.error("tls.renew.before", "must be more than zero")
+    return Renew(url=url, fraction=None, seconds=seconds)
 
 
 def _parse_crl(r: _Reader, value: object) -> tuple[Path, ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from tunnel.logs import event
 from tunnel.metrics import PrometheusMetrics
 from tunnel.notify import Notifier
 from tunnel.reload_plan import plan_reload
+from tunnel.renewal import RETRY_FIRST, RETRY_MAX, RenewError, renew, renewal_due
 from tunnel.state import TunnelState
 from tunnel.status import Responder, StatusServer
 from tunnel.trust import check_certificates
@@ -79,9 +81,12 @@ class Daemon(ControlLoop):
         notifier: Notifier | None = None,
         worker: bool = False,
         listeners: Listeners | None = None,
+        renews: bool = True,
     ) -> None:
         """`listeners`: the registry of listening sockets, holding any the process was
-        handed (a worker's from its supervisor); a new one otherwise."""
+        handed (a worker's from its supervisor); a new one otherwise. `renews`: this
+        process renews the certificates of tunnels with `tls.renew` (of several workers,
+        one does)."""
         super().__init__(
             paths,
             status=status,
@@ -102,6 +107,9 @@ class Daemon(ControlLoop):
         self.reload_failure: ReloadFailure | None = None
         self._retry_delay = RELOAD_RETRY_FIRST
         self._retrying = False
+        self.renews = renews
+        self._renewals: dict[str, tuple[object, trio.CancelScope]] = {}  # name → (what it renews, its task)
+        self.renewal_failures: dict[str, ReloadFailure] = {}  # tunnel name → its renewal failing
 
     def serving_tunnels(self) -> list[Tunnel]:
         """The tunnels of the configuration in force (listening unless stopping)."""
@@ -132,6 +140,7 @@ class Daemon(ControlLoop):
 
     def _running(self, helpers: trio.Nursery) -> None:
         helpers.start_soon(self._warn_about_expiry)
+        self._plan_renewals()
         if self.worker:
             helpers.start_soon(self._watch_supervisor, os.getppid())
 
@@ -210,7 +219,10 @@ class Daemon(ControlLoop):
         return failure
 
     def _health_extra(self) -> dict[str, Any]:
-        return {"reload": self.reload_failure.describe()} if self.reload_failure else {}
+        extra: dict[str, Any] = {"reload": self.reload_failure.describe()} if self.reload_failure else {}
+        if self.renewal_failures:
+            extra["renewal"] = {name: failure.describe() for name, failure in sorted(self.renewal_failures.items())}
+        return extra
 
     async def _reload(self) -> str | None:
         """Reload; None on success, else why it failed (and nothing changed)."""
@@ -291,7 +303,93 @@ class Daemon(ControlLoop):
             for warning in tunnel.state.warnings:
                 _expiring(tunnel.name, warning)
         event(logging.INFO, "reloaded", "reloaded tunnels=%d", len(self.tunnels))
+        self._plan_renewals()
         return None
+
+    # -- renewal (tls.renew) ---------------------------------------------------------
+
+    def _plan_renewals(self) -> None:
+        """One renewal task per serving tunnel with tls.renew, for the certificate loaded
+        now: a task whose tunnel is gone, or whose tls settings or certificate changed
+        (a renewal was loaded, a new file put in place), is cancelled and started again."""
+        if self._helpers is None or not self.renews:
+            return
+        wanted: dict[str, object] = {
+            tunnel.name: (tunnel.state.config.tls, tunnel.state.certificates.cert.serial_number)
+            for tunnel in self.tunnels
+            if tunnel.state.config.tls.renew is not None
+        }
+        for name, (key, scope) in list(self._renewals.items()):
+            if wanted.get(name) != key:
+                scope.cancel()
+                del self._renewals[name]
+                self.renewal_failures.pop(name, None)
+        for name, key in wanted.items():
+            if name not in self._renewals:
+                scope = trio.CancelScope()
+                self._renewals[name] = (key, scope)
+                self._helpers.start_soon(self._renewal, name, scope)
+
+    def _serving(self, name: str) -> Tunnel | None:
+        return next((tunnel for tunnel in self.tunnels if tunnel.name == name), None)
+
+    async def _renewal(self, name: str, scope: trio.CancelScope) -> None:
+        """Wait until the certificate is due (tunnel/renewal.py renewal_due), renew it,
+        retrying failures after RETRY_FIRST seconds doubling to RETRY_MAX, then reload;
+        the reload re-plans (a new task for the new certificate)."""
+        with scope:
+            tunnel = self._serving(name)
+            if tunnel is None:  # a reload removed it before this task began
+                return
+            tls, cert = tunnel.state.config.tls, tunnel.state.certificates.cert
+            assert tls.renew is not None
+            due = renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc, tls.renew, random.random())
+            await trio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()))
+            delay = RETRY_FIRST
+            while True:
+                try:
+                    renewed = await renew(tls)
+                    break
+                except RenewError as exc:
+                    self._renewal_failed(name, str(exc))
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+            self.metrics.renewed(name, True)
+            self.renewal_failures.pop(name, None)
+            not_after = renewed.not_after.isoformat()
+            event(
+                logging.INFO,
+                "renewed",
+                "renewed the certificate of tunnel %s: serial %x, not after %s",
+                name,
+                renewed.serial,
+                not_after,
+                tunnel=name,
+                serial=f"{renewed.serial:x}",
+                not_after=not_after,
+            )
+            assert self._helpers is not None
+            self._helpers.start_soon(self._reload_renewed, name)
+            await trio.sleep_forever()  # until the reload loads the new certificate and re-plans
+
+    def _renewal_failed(self, name: str, reason: str) -> None:
+        self.metrics.renewed(name, False)
+        previous = self.renewal_failures.get(name)
+        if previous is None or previous.reason != reason:
+            event(
+                logging.ERROR,
+                "renew_failed",
+                "renewing the certificate of tunnel %s failed, still serving the current one: %s",
+                name,
+                reason,
+                tunnel=name,
+                reason=reason,
+            )
+        self.renewal_failures[name] = ReloadFailure(previous.since if previous else time.time(), reason)
+
+    async def _reload_renewed(self, name: str) -> None:
+        event(logging.INFO, "reloading", "tunnel %s renewed its certificate: reloading", name, reason="renewed")
+        await self.reload()
 
     # -- expiry --------------------------------------------------------------------
 

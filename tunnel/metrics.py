@@ -118,6 +118,12 @@ class PrometheusMetrics:
             "tunnel_last_reload_timestamp_seconds", "When the last reload was attempted.", registry=r
         )
         self._last_reload_ok.set(1)
+        self._renewals = Counter(
+            "tunnel_renewals",
+            "Certificate renewals (tls.renew), by tunnel and result.",
+            ["tunnel", "result"],
+            registry=r,
+        )
         self._children: dict[tuple[object, ...], object] = {}
         self._live = _LiveCollector(tunnels)
         r.register(self._live)
@@ -158,6 +164,10 @@ class PrometheusMetrics:
         self._reloads.labels("success" if ok else "failure").inc()
         self._last_reload_ok.set(1 if ok else 0)
         self._last_reload_time.set(when)
+
+    def renewed(self, tunnel: str, ok: bool) -> None:
+        """One renewal attempt of `tunnel`'s certificate (tls.renew), and how it went."""
+        self._renewals.labels(tunnel, "success" if ok else "failure").inc()
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tunnel.config import Address, TunnelConfig
@@ -72,14 +72,21 @@ class TunnelState:
         """Why an open connection's peer is no longer acceptable under this state, or None:
         the unix peer's credentials against unix.allow_*, then the chain it presented,
         judged as a full handshake would judge it now (path to an anchor, revocation of
-        every certificate on it, current CRLs), then the allow rules."""
+        every certificate on it, current CRLs), then the allow rules. With
+        limits.close_on_expiry false, a peer certificate that expired since is judged as
+        of just before it expired (the connection may outlive it)."""
         if credentials is not None and self.config.unix.checks_peers:
             why = unix_peer_refusal(credentials, self.config.unix)
             if why is not None:
                 return no_longer_allowed(why)
         if identity is None or not peer_chain:
             return None
-        why = self.trust.refusal(peer_chain, datetime.now(UTC))
+        now = datetime.now(UTC)
+        if not self.config.limits.close_on_expiry and identity.not_after <= now:
+            # limits.close_on_expiry false: the connection may outlive its peer's
+            # certificate; judge the chain as of the moment before it expired.
+            now = identity.not_after - timedelta(seconds=1)
+        why = self.trust.refusal(peer_chain, now)
         if why is not None:
             return Outcome("unknown CA", "its CA is no longer trusted") if why.label == "unknown CA" else why
         if self.config.allow is not None:

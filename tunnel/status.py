@@ -314,6 +314,12 @@ def render(health_doc: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if isinstance(reload, dict):
         since, reason = (escape(str(reload.get(key))) for key in ("failing_since", "reason"))
         lines.append(f"reload failing since {since}: {reason}")
+    renewal = health_doc.get("renewal")
+    if isinstance(renewal, dict):
+        for name, failure in renewal.items():
+            if isinstance(failure, dict):
+                since, reason = (escape(str(failure.get(key))) for key in ("failing_since", "reason"))
+                lines.append(f"renewal of {escape(str(name))} failing since {since}: {reason}")
     lines.append("")
     tunnels = health_doc.get("tunnels", {})
     lines += text_table(["TUNNEL", "STATE", "OPEN"], [

@@ -535,3 +535,38 @@ async def test_a_connection_is_closed_when_its_peer_certificate_expires(
     else:
         assert got == b"pong"
         assert not closing
+
+
+async def test_without_close_on_expiry_a_reload_keeps_a_connection_whose_peer_certificate_expired(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """limits.close_on_expiry false lets a connection outlive its peer's certificate,
+    reloads included: a reload (tls.renew makes one per renewal) judges the chain as it
+    stood before it expired, so only a change of trust (revocation, CA, allow) closes it."""
+    caplog.set_level(logging.INFO, logger="tunnel")
+    expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=2)
+    issue_dated(pki_files.dir, "brief", not_before=expires - dt.timedelta(days=1), not_after=expires, out=tmp_path)
+    ctx = pki_files.client_context("")
+    ctx.load_cert_chain(tmp_path / "brief.crt", tmp_path / "brief.key")
+    async with backend(echo) as target:
+        doc = server_doc(pki_files, target.address, allow={"cn": ["brief"]})
+        doc["limits"]["close_on_expiry"] = False
+        path = write_yaml(tmp_path / "s.yaml", doc)
+        async with running_tunnel(path) as (tunnel, address):
+            host, _, port = address.rpartition(":")
+            stream = trio.SSLStream(await trio.open_tcp_stream(host, int(port)), ctx, server_hostname="localhost")
+            with trio.fail_after(5):
+                await stream.send_all(b"ping")
+                assert await stream.receive_some(4) == b"ping"
+            await trio.sleep((expires - dt.datetime.now(dt.UTC)).total_seconds() + 1.5)
+            tunnel.replace_state(TunnelState.build(load_file(path)))
+            tunnel.revalidate()
+            with trio.fail_after(5):
+                try:
+                    await stream.send_all(b"pong")
+                    got = await stream.receive_some(4)
+                except trio.BrokenResourceError:
+                    got = b""
+            await trio.aclose_forcefully(stream)
+    assert got == b"pong"
+    assert not [r for r in caplog.records if r.getMessage().startswith("closing ")]

@@ -801,7 +801,7 @@ def test_unknown_key_message_lists_the_allowed_keys(tmp_path: Path) -> None:
     make_pki_files(tmp_path)
     with pytest.raises(ConfigError) as caught:
         load_file(write_yaml(tmp_path / "t.yaml", _with(S, "tls.foo", 1)))
-    assert "ca, cert, crl, key, key_password_file, min_version, server_name" in caught.value.message
+    assert "ca, cert, crl, key, key_password_file, min_version, renew, server_name" in caught.value.message
 
 
 @pytest.mark.parametrize(

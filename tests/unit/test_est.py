@@ -238,6 +238,20 @@ def test_simplereenroll_keeps_subject_sans_kind_and_lifetime_with_a_new_serial(
     assert f"certificate 'app1' serial {client.serial_number:x}" in answer.log
 
 
+def test_simplereenroll_of_a_short_lived_certificate_is_valid_now_for_its_whole_lifetime(ca: Path) -> None:
+    """A 30-second certificate renews as a 30-second certificate backdated by a tenth of
+    its lifetime (as `tunnel ca issue --lifetime` does), not by the five minutes of
+    CLOCK_SKEW, which would have made it expired when issued."""
+    pki.issue(ca, "app2", kind="client", lifetime=dt.timedelta(seconds=30))
+    current = issued(ca, "app2")
+    before = dt.datetime.now(dt.UTC)
+    cert = answer_cert(handle(ca, reenroll_request(csr_for(p256(), "app2")), peer=current))
+    lifetime = current.not_valid_after_utc - current.not_valid_before_utc
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == lifetime
+    assert cert.not_valid_before_utc >= before.replace(microsecond=0) - dt.timedelta(seconds=4)
+    assert cert.not_valid_after_utc > before + dt.timedelta(seconds=25)
+
+
 def test_simplereenroll_refuses_the_current_key(ca: Path, client: x509.Certificate) -> None:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 

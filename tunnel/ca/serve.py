@@ -110,9 +110,13 @@ async def serve(
     for address in addresses:
         listening(address)
     task_status.started(addresses)
-    async with trio.open_nursery() as nursery:
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept, listener, limiter, ctx, authority, nursery)
+    finally:  # cancelled (in-process use): the listening sockets are closed, not left to the GC
         for listener in listeners:
-            nursery.start_soon(_accept, listener, limiter, ctx, authority, nursery)
+            listener.socket.close()
 
 
 async def _accept(
