@@ -204,7 +204,8 @@ def metrics(port: int) -> str:
         return str(answer.read().decode())
 
 
-@pytest.mark.system  # about 75 seconds
+@pytest.mark.system  # three minutes, as the issue asks: six renewals or so on each side
+@pytest.mark.timeout(300)
 def test_tunnels_renew_their_short_lived_certificates_without_dropping_a_connection(pair: dict[str, Any]) -> None:
     tmp, est = pair["tmp"], pair["est"]
     est.start()
@@ -217,7 +218,7 @@ def test_tunnels_renew_their_short_lived_certificates_without_dropping_a_connect
     assert presented_serial(tmp, server_port) == first["srv"]
     seen: dict[str, set[int]] = {name: {serial} for name, serial in first.items()}
     traffic = Traffic(client_port)
-    deadline = time.monotonic() + 75
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         for name in seen:
             seen[name].add(serial_of(tmp / f"{name}/{name}.crt"))
@@ -249,8 +250,10 @@ def test_tunnels_renew_their_short_lived_certificates_without_dropping_a_connect
         time.sleep(0.3)  # caught between a renewal and its reload
     assert presented == serial_of(tmp / "srv/srv.crt") != first["srv"]
     text = metrics(status_port)
-    assert re.search(r'tunnel_renewals_total\{result="success",tunnel="server"\} [2-9]', text), text
-    assert re.search(r'tunnel_renewals_total\{result="success",tunnel="client"\} [2-9]', text), text
+    for tunnel in ("server", "client"):
+        count = re.search(rf'tunnel_renewals_total\{{result="success",tunnel="{tunnel}"\}} ([0-9.]+)', text)
+        assert count is not None, text
+        assert float(count.group(1)) >= 2, text
     assert daemon.stop() == 0
 
 
