@@ -286,7 +286,8 @@ def check_certificates(
             name = certificate.subject.rfc4514_string()
             raise ConfigError(config.source, key, f"{path}: {name!r} expired at {_when(not_after)} (now {_when(now)})")
         left = not_after - now
-        if left < EXPIRY_WARNING:
+        renewing = tls.renew is not None and certificate is certificates.cert
+        if left < EXPIRY_WARNING and not renewing:  # tls.renew reports its own failures
             warnings.append(f"{config.source}: {key}: {path} expires in {left.days} days ({_when(not_after)})")
     return warnings
 

@@ -133,3 +133,19 @@ def test_tunnel_status_shows_each_failing_renewal_escaped() -> None:
     lines = render(health, []).split("\n")
     assert lines[1] == "renewal of redis failing since 2026-01-01T00:00:00+00:00: 10.0.0.1:8443: Connection refused"
     assert lines[2] == "renewal of edge\\x1b]0;x\\x07 failing since 2026-01-02T00:00:00+00:00: 403 revoked\\n"
+
+
+def test_a_certificate_the_tunnel_renews_is_not_warned_about(tmp_path: Path) -> None:
+    """A short-lived certificate always expires within 30 days: with tls.renew, renewal
+    (and its own failure reports) take care of it, instead of a warning on every reload."""
+    from tests import helpers
+    from tunnel import pki
+    from tunnel.trust import check_certificates
+
+    p = helpers.make_pki(tmp_path / "pki")
+    pki.issue(p.dir, "brief", kind="server", dns=["localhost"], lifetime=timedelta(hours=1))
+    doc = helpers.server_doc(p, "127.0.0.1:9")
+    doc["tls"].update(cert=str(p.crt("brief")), key=str(p.key("brief")))
+    assert len(check_certificates(load_file(helpers.write_yaml(tmp_path / "plain.yaml", doc)))) == 1
+    doc["tls"]["renew"] = {"url": "https://127.0.0.1:8443"}
+    assert check_certificates(load_file(helpers.write_yaml(tmp_path / "renewing.yaml", doc))) == []
