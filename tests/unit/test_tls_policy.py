@@ -55,7 +55,11 @@ def der_of(path: Path) -> bytes:
 
 @pytest.fixture
 def p(tmp_path: Path) -> PKI:
-    """A fresh CA per test (these tests revoke and overwrite files)."""
+    """A fresh CA per test (these tests revoke and overwrite files). NOW is taken afresh
+    with it: paths are built as of NOW, and the CA is valid from 5 minutes before it was
+    made, so a NOW from the start of a long run would come before the CA."""
+    global NOW
+    NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
     return make_pki(tmp_path / "pki")
 
 
