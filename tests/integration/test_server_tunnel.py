@@ -381,6 +381,16 @@ async def test_tls_1_3_client_that_writes_first_still_reads_the_alert(pki_files:
     assert target.accepted == 0
 
 
+def brief_client(p: PKI, tmp: Path, seconds: int = 3) -> tuple[dt.datetime, ssl.SSLContext]:
+    """A client context presenting `brief`, a certificate from the CA that expires in
+    `seconds`; and when it expires."""
+    expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=seconds)
+    issue_dated(p.dir, "brief", not_before=expires - dt.timedelta(days=1), not_after=expires, out=tmp)
+    ctx = p.client_context("")
+    ctx.load_cert_chain(tmp / "brief.crt", tmp / "brief.key")
+    return expires, ctx
+
+
 def _blocking_echo(ctx: ssl.SSLContext, address: str, session: ssl.SSLSession | None) -> tuple[ssl.SSLSocket, bytes]:
     """One TLS connection with the stdlib (it can offer a session); returns it and the echo."""
     host, _, port = address.rpartition(":")
@@ -399,10 +409,7 @@ async def test_a_resumed_session_is_refused_once_its_certificate_has_expired(
     """OpenSSL checks a certificate only in a full handshake; each resumption hands out a
     new ticket, so a client that keeps resuming would never be checked again."""
     caplog.set_level(logging.INFO, logger="tunnel")
-    expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=3)
-    issue_dated(pki_files.dir, "brief", not_before=expires - dt.timedelta(days=30), not_after=expires, out=tmp_path)
-    ctx = pki_files.client_context("")
-    ctx.load_cert_chain(tmp_path / "brief.crt", tmp_path / "brief.key")
+    expires, ctx = brief_client(pki_files, tmp_path)
     async with backend(echo) as target:
         doc = server_doc(pki_files, target.address, allow={"cn": ["brief"]})
         async with running_tunnel(write_yaml(tmp_path / "s.yaml", doc)) as (_, address):
@@ -505,10 +512,7 @@ async def test_a_connection_is_closed_when_its_peer_certificate_expires(
     """limits.close_on_expiry (default true): a connection lasts no longer than the
     certificate that authorised it, as revocation cuts it on reload."""
     caplog.set_level(logging.INFO, logger="tunnel")
-    expires = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=3)
-    issue_dated(pki_files.dir, "brief", not_before=expires - dt.timedelta(days=1), not_after=expires, out=tmp_path)
-    ctx = pki_files.client_context("")
-    ctx.load_cert_chain(tmp_path / "brief.crt", tmp_path / "brief.key")
+    expires, ctx = brief_client(pki_files, tmp_path)
     async with backend(echo) as target:
         doc = server_doc(pki_files, target.address, allow={"cn": ["brief"]})
         if not close_on_expiry:
