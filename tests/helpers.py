@@ -501,3 +501,23 @@ async def expect_refused(connect: Callable[[], Awaitable[trio.SSLStream[trio.Soc
             except trio.BrokenResourceError:
                 return  # TLS 1.3: the refusal arrives after the client's side of the handshake
             assert data == b"", "a refused client must not get data"
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the peer has closed `sock` (EOF or reset) by now, without waiting."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+async def echo_or_closed(stream: trio.abc.Stream, data: bytes) -> bytes:
+    """Send `data` and read back as many bytes; b"" if the tunnel closed or reset it."""
+    with trio.fail_after(5):
+        try:
+            await stream.send_all(data)
+            return bytes(await stream.receive_some(len(data)))
+        except trio.BrokenResourceError:
+            return b""

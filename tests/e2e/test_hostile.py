@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import PKI, free_port, server_doc, write_padded_chain, write_yaml
+from tests.helpers import PKI, closed_by_peer, free_port, server_doc, write_padded_chain, write_yaml
 from tests.process import TUNNEL, DaemonProcess, EchoTarget, echo_once, is_closed, tls_client
 
 
@@ -228,16 +228,6 @@ def healthz(port: int, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
-
-
-def closed_by_peer(sock: socket.socket) -> bool:
-    """Whether the peer has closed `sock`, without waiting."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
 
 
 def test_idle_connections_to_the_status_address_cost_the_tunnels_nothing(

@@ -10,7 +10,7 @@ import socket
 import pytest
 import trio
 
-from tests.helpers import free_port, read_until_closed
+from tests.helpers import closed_by_peer, free_port, read_until_closed
 from tunnel import status
 from tunnel.config import Address
 
@@ -27,16 +27,6 @@ async def get(port: int, path: str = "/healthz") -> bytes:
         return await read_until_closed(stream)
 
 
-def closed(sock: socket.socket) -> bool:
-    """Whether the server has closed `sock` (EOF or reset) by now, without waiting."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
-
-
 async def test_past_the_cap_a_new_connection_closes_the_oldest_idle_one_and_is_answered() -> None:
     async with trio.open_nursery() as nursery:
         port = (await nursery.start(status.serve_http, Address(host="127.0.0.1", port=0), answer))[1]
@@ -44,15 +34,15 @@ async def test_past_the_cap_a_new_connection_closes_the_oldest_idle_one_and_is_a
             # Plain sockets: the kernel completes each connect; the server accepts them in turn.
             idle = [sockets.enter_context(socket.create_connection(("127.0.0.1", port))) for _ in range(32)]
             await trio.sleep(0.1)
-            assert [closed(s) for s in idle] == [False] * 32
+            assert [closed_by_peer(s) for s in idle] == [False] * 32
             with trio.fail_after(1):
                 assert (await get(port, "/x")).endswith(b"\r\n\r\n/x")
-            assert [closed(s) for s in idle] == [True] + [False] * 31, "the oldest gave way"
+            assert [closed_by_peer(s) for s in idle] == [True] + [False] * 31, "the oldest gave way"
             for _ in range(10):
                 sockets.enter_context(socket.create_connection(("127.0.0.1", port)))
             await trio.sleep(0.1)
             # one takes the place the answered GET left, nine more close the next oldest
-            assert [closed(s) for s in idle] == [True] * 10 + [False] * 22
+            assert [closed_by_peer(s) for s in idle] == [True] * 10 + [False] * 22
         nursery.cancel_scope.cancel()
 
 
