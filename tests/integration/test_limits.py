@@ -44,8 +44,12 @@ def limited_doc(p: PKI, target: str, **limits: Any) -> dict[str, Any]:
 async def connect_from(source: str, address: str) -> trio.socket.SocketType:
     host, _, port = address.rpartition(":")
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    await sock.bind((source, 0))
-    await sock.connect((host, int(port)))
+    try:
+        await sock.bind((source, 0))
+        await sock.connect((host, int(port)))
+    except BaseException:  # refused, or cancelled mid-connect: not left for the GC to find
+        sock.close()
+        raise
     return sock
 
 
