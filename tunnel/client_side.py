@@ -10,6 +10,7 @@ import ssl
 
 import trio
 
+from tunnel import postgres
 from tunnel.connection import Connection
 from tunnel.identity import identity_from_der
 from tunnel.outcomes import (
@@ -18,7 +19,9 @@ from tunnel.outcomes import (
     Outcome,
     handshake_failure,
     received_alert,
+    refusal,
     refused_by_server,
+    side_broke,
     ssl_words,
 )
 from tunnel.pipeline import Host, dial_target, refuse, relay_and_close
@@ -30,10 +33,35 @@ async def serve_plain_client(host: Host, state: TunnelState, sock: socket.socket
     """Client mode: dial, handshake with the server, relay."""
     config = state.config
     client = PlainStream(sock)
+    first = b""  # protocol postgres: the application's first message, sent once TLS is up
+    if config.protocol == "postgres":
+        with trio.move_on_after(config.limits.handshake_timeout) as waited:
+            try:
+                first = await postgres.answer_plain_application(client)
+            except StreamBroken as exc:
+                refuse(host, conn, client, Outcome("client error", f"client: {exc}"))
+                return
+        if waited.cancelled_caught or not first:
+            silence = "silent" if waited.cancelled_caught else "closed"
+            refuse(host, conn, client, refusal("no startup message", f"(the application was {silence})"))
+            return
     dialled = await dial_target(host, config, conn, client)
     if dialled is None:
         return
     target_sock, target = dialled
+    if config.protocol == "postgres":
+        why: Outcome | None = None
+        with trio.move_on_after(config.limits.handshake_timeout) as waited:
+            try:
+                why = await postgres.request_tls(PlainStream(target_sock))
+            except StreamBroken as exc:
+                why = Outcome("during handshake", f"after SSLRequest: {exc}")
+        if waited.cancelled_caught:
+            why = HANDSHAKE_TIMEOUT
+        if why is not None:
+            target_sock.close()
+            refuse(host, conn, client, why.about(f"server {target}"))
+            return
     sessions = state.resumption.sessions
     try:
         server = TLSStream(
@@ -80,6 +108,16 @@ async def serve_plain_client(host: Host, state: TunnelState, sock: socket.socket
         return
     conn.peer_chain = state.resumption.peers.chain(der) if der else ()
     host.story.opened(conn, server.describe_tls(), server=str(target))
+    if first:
+        try:
+            await server.send_all(first)
+        except StreamBroken as exc:
+            conn.stats.end = side_broke("target", exc)
+            server.abort()
+            client.abort()
+            host.story.closed(conn)
+            return
+        conn.stats.bytes_in += len(first)
     try:
         await relay_and_close(host, client, server, conn, config.limits.idle_timeout)
     finally:

@@ -22,6 +22,7 @@ from tunnel.file_safety import UnsafeFile, check_file
 from tunnel.identity import AllowRule, normalize_fingerprint
 
 Mode = Literal["server", "client"]
+WireProtocol = Literal["tcp", "postgres"]
 
 
 class ConfigError(Exception):
@@ -145,6 +146,8 @@ class TunnelConfig:
     proxy_protocol: Literal["v2"] | None = None
     workers: int = 1  # processes for the whole daemon (the largest any file asks for)
     unix: UnixSocket = field(default_factory=UnixSocket)  # only used when listen is unix:
+    protocol: WireProtocol = "tcp"  # postgres: PostgreSQL's SSLRequest before TLS (tunnel/postgres.py)
+    sni: tuple[str, ...] = ()  # server names this tunnel answers on a shared listen address
 
     def files(self) -> set[Path]:
         """Every file this tunnel was configured from: the YAML file and what it names."""
@@ -165,7 +168,10 @@ TOP_KEYS = {
     "proxy_protocol",
     "workers",
     "unix",
+    "protocol",
+    "sni",
 }
+PROTOCOLS = ("tcp", "postgres")
 UNIX_KEYS = {"mode", "group", "allow_users", "allow_groups"}
 TLS_KEYS = {"cert", "key", "ca", "crl", "server_name", "min_version", "key_password_file", "renew"}
 RENEW_KEYS = {"url", "before"}
@@ -183,6 +189,9 @@ LIMIT_KEYS = {
     "close_on_expiry",
 }
 PER_SOURCE_KEYS = {"handshakes", "connections"}
+_SERVER_NAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -440,6 +449,14 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         if not listen.is_unix:
             raise r.error("unix", f"only for a unix: listen address (listen is {listen})")
         unix = _parse_unix(r, top["unix"])
+    protocol: WireProtocol = top.get("protocol", "tcp")
+    if protocol not in PROTOCOLS:
+        raise r.error("protocol", f"expected {' or '.join(PROTOCOLS)}, not {_show(protocol)}")
+    sni: tuple[str, ...] = ()
+    if top.get("sni") is not None:
+        if mode != "server":
+            raise r.error("sni", "only for server mode (a client tunnel sends tls.server_name)")
+        sni = _parse_sni(r, top["sni"])
     return TunnelConfig(
         name=name,
         mode=mode,
@@ -453,7 +470,54 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         proxy_protocol=proxy_protocol,
         workers=workers,
         unix=unix,
+        protocol=protocol,
+        sni=sni,
     )
+
+
+def _parse_sni(r: _Reader, value: object) -> tuple[str, ...]:
+    """`sni`: server names (RFC 6066 section 3: host names, compared without regard to
+    case and a trailing dot), `*.domain` for any one label under domain, or `*` for any
+    name and none at all. Returned lower-cased, in the order written."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise r.error("sni", "the list is empty: name the server names, or leave sni out")
+    names: list[str] = []
+    for i, item in enumerate(items):
+        key = f"sni[{i}]" if isinstance(value, list) else "sni"
+        if not isinstance(item, str) or not item.strip():
+            raise r.error(key, f"expected a server name, not {_show(item)}")
+        name = item.strip().lower().rstrip(".")
+        bare = name.removeprefix("*.") if name != "*" else "x"
+        if not _SERVER_NAME.match(bare):
+            raise r.error(key, f"{item!r} is not a host name (letters, digits, '-' and '.'; '*.' only in front)")
+        if name in names:
+            raise r.error(key, f"{name!r} is named twice")
+        names.append(name)
+    return tuple(names)
+
+
+def _sni_overlap(a: str, b: str) -> bool:
+    """Whether two `sni` entries admit a name in common (two `*` fallbacks included)."""
+    if "*" in (a, b):
+        return a == b
+    if a.startswith("*.") != b.startswith("*."):
+        pattern, name = (a, b) if a.startswith("*.") else (b, a)
+        return sni_matches(pattern, name)
+    return a == b
+
+
+def sni_matches(pattern: str, name: str | None) -> bool:
+    """Whether an `sni` entry admits a ClientHello's server name (None: it sent none).
+    `*` admits everything; `*.example.org` one label under example.org; else equality."""
+    if pattern == "*":
+        return True
+    if name is None:
+        return False
+    if pattern.startswith("*."):
+        head, _, rest = name.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return name == pattern
 
 
 def _parse_tls(r: _Reader, value: object, mode: str, targets: tuple[Address, ...]) -> TLSConfig:
@@ -741,23 +805,45 @@ def load_paths(paths: Iterable[Path]) -> list[TunnelConfig]:
     addresses must be unique across them."""
     configs = [load_file(p) for p in find_files(paths)]
     seen_names: dict[str, Path] = {}
-    seen_listen: dict[Address, Path] = {}
+    seen_listen: list[TunnelConfig] = []
     for config in configs:
         if config.name in seen_names:
             raise ConfigError(config.source, "name", f"{config.name!r} is also the name in {seen_names[config.name]}")
         seen_names[config.name] = config.source
-        for other, source in seen_listen.items():
-            if listen_overlap(config.listen, other):
-                same = other == config.listen
+        for other in seen_listen:
+            if listen_overlap(config.listen, other.listen):
+                _check_shared_listen(config, other)
+        seen_listen.append(config)
+    return configs
+
+
+def _check_shared_listen(config: TunnelConfig, other: TunnelConfig) -> None:
+    """Two tunnels may share a listen address only when it is the same address and both
+    name their server names (`sni`), none of which the other's also admits (`*`, the
+    fallback for names nobody claims, excepted: one per address). ConfigError if not."""
+    source = other.source
+    if config.listen != other.listen:
+        raise ConfigError(
+            config.source,
+            "listen",
+            f"{config.listen} overlaps {other.listen}, the listen address in {source}: both cannot be bound",
+        )
+    if not config.sni or not other.sni:
+        raise ConfigError(
+            config.source,
+            "listen",
+            f"{config.listen} is also the listen address in {source}: tunnels share a listen address"
+            " only when each names its server names (sni)",
+        )
+    for name in config.sni:
+        for theirs in other.sni:
+            if _sni_overlap(name, theirs):
                 raise ConfigError(
                     config.source,
-                    "listen",
-                    f"{config.listen} is also the listen address in {source}"
-                    if same
-                    else f"{config.listen} overlaps {other}, the listen address in {source}: both cannot be bound",
+                    "sni",
+                    f"{name!r} overlaps {theirs!r}, a server name of tunnel {other.name} on {config.listen}"
+                    f" ({source}): each name must pick one tunnel",
                 )
-        seen_listen[config.listen] = config.source
-    return configs
 
 
 _WILDCARDS = {"0.0.0.0": 4, "::": 6}

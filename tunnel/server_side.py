@@ -5,43 +5,72 @@ is dialled, and before the client has seen anything that looks like acceptance."
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+from dataclasses import dataclass
 
 import trio
 
+from tunnel import postgres
 from tunnel.connection import Connection
 from tunnel.identity import decide, identity_from_der
-from tunnel.outcomes import HANDSHAKE_TIMEOUT, NO_CERTIFICATE, during_handshake, handshake_failure, side_broke
+from tunnel.outcomes import HANDSHAKE_TIMEOUT, NO_CERTIFICATE, Outcome, during_handshake, handshake_failure, side_broke
 from tunnel.pipeline import Host, dial_target, refuse, relay_and_close
+from tunnel.postgres import negotiate_as_server
 from tunnel.proxy_protocol import v2_header
 from tunnel.state import TunnelState
 from tunnel.streams import PlainStream, StreamBroken, TLSStream
 
 
-async def serve_tls_client(host: Host, state: TunnelState, sock: socket.socket, conn: Connection) -> None:
-    """Server mode: handshake, decide, dial, relay. `state` is the one in force when the
-    connection was accepted; the new one decides too if a reload came meanwhile."""
+@dataclass(frozen=True)
+class Preread:
+    """What was read of a connection before its tunnel took it (tunnel/router.py, which
+    picks a tunnel by SNI): `data`, the start of the client's TLS, fed to TLS first;
+    `direct`, for protocol postgres: TLS began without an SSLRequest (so ALPN is required)."""
+
+    data: bytes = b""
+    direct: bool = False
+
+
+async def serve_tls_client(
+    host: Host, state: TunnelState, sock: socket.socket, conn: Connection, preread: Preread | None = None
+) -> None:
+    """Server mode: (PostgreSQL's negotiation,) handshake, decide, dial, relay. `state` is
+    the one in force when the connection was accepted; the new one decides too if a reload
+    came meanwhile. `preread`: the connection was routed here with its TLS begun."""
     config = state.config
-    client = TLSStream(sock, state.context, server_side=True)
     started = trio.current_time()
+    client: TLSStream | None = None
     try:
         # A bare cancel scope: trio.fail_after costs two context managers per connection.
         with trio.CancelScope(deadline=started + config.limits.handshake_timeout) as deadline:
+            if preread is None and config.protocol == "postgres":
+                plain = PlainStream(sock)
+                negotiation = await negotiate_as_server(plain)
+                if negotiation.refused is not None:
+                    await _refuse_in_plaintext(host, conn, plain, negotiation.refused, negotiation.reply)
+                    return
+                preread = Preread(negotiation.prefix, negotiation.direct)
+            client = TLSStream(sock, state.context, server_side=True, received=preread.data if preread else b"")
             # Held: the tickets (TLS 1.3) or Finished (TLS 1.2) go out only once the
             # peer is admitted below, so a refused client never sees an acceptance.
             await client.do_handshake(hold_last_flight=True)
         if deadline.cancelled_caught:
-            refuse(host, conn, client, HANDSHAKE_TIMEOUT)
+            refuse(host, conn, client or PlainStream(sock), HANDSHAKE_TIMEOUT)
             return
     except ssl.SSLError as exc:
         host.story.refused(conn, handshake_failure(exc))
         # The alert has been sent: close with a FIN, not a reset, so a client that
         # writes before it reads still finds the alert waiting (TLS 1.3).
-        client.close()
+        (client or PlainStream(sock)).close()
         return
     except StreamBroken as exc:
-        refuse(host, conn, client, during_handshake(exc))
+        refuse(host, conn, client or PlainStream(sock), during_handshake(exc))
+        return
+    assert client is not None
+    if preread is not None and preread.direct and client.ssl.selected_alpn_protocol() != postgres.ALPN:
+        refuse(host, conn, client, postgres.NO_ALPN)
         return
     host.metrics.handshake_seconds(host.name, trio.current_time() - started)
     der = client.peer_certificate()
@@ -93,6 +122,17 @@ async def serve_tls_client(host: Host, state: TunnelState, sock: socket.socket, 
             host.story.closed(conn)
             return
     await relay_and_close(host, client, target_stream, conn, config.limits.idle_timeout)
+
+
+async def _refuse_in_plaintext(host: Host, conn: Connection, plain: PlainStream, why: Outcome, reply: bytes) -> None:
+    """A client that did not ask for TLS: send it `reply` (say, PostgreSQL's ErrorResponse,
+    which psql shows), then close with a FIN so that it reads the reply. Logged refused."""
+    host.story.refused(conn, why)
+    if reply:
+        with contextlib.suppress(StreamBroken):
+            await plain.send_all(reply)
+            await plain.send_eof()
+    plain.close()
 
 
 def _proxy_header(sock: socket.socket, conn: Connection, client: TLSStream) -> bytes:

@@ -229,9 +229,14 @@ class TLSStream(_SocketIO):
         server_side: bool,
         server_hostname: str | None = None,
         session: ssl.SSLSession | None = None,
+        received: bytes = b"",
     ) -> None:
+        """`received`: the first bytes of the peer's TLS, already read from `sock` by
+        whoever looked at them first (SNI routing, PostgreSQL's direct TLS)."""
         super().__init__(sock)
         self._incoming = ssl.MemoryBIO()
+        if received:
+            self._incoming.write(received)
         self._outgoing = ssl.MemoryBIO()
         self.ssl = context.wrap_bio(
             self._incoming,

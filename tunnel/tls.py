@@ -16,6 +16,7 @@ import logging
 import ssl
 from pathlib import Path
 
+from tunnel import postgres
 from tunnel.config import ConfigError, TLSConfig, TunnelConfig
 from tunnel.openssl import set_groups, set_max_cert_list
 from tunnel.outcomes import ssl_words
@@ -75,6 +76,8 @@ def build_context(config: TunnelConfig) -> ssl.SSLContext:
     _load_identity(ctx, config.source, tls)
     _load_trust(ctx, config.source, tls)
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if config.protocol == "postgres":
+        ctx.set_alpn_protocols([postgres.ALPN])  # required by PostgreSQL 17's direct TLS
     if server_side:
         # Resume from a bounded session cache rather than stateless tickets where the
         # stdlib lets us bound it (see session_cache.py): much cheaper resumptions.
