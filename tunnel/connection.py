@@ -37,6 +37,7 @@ class Connection:
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     closed_logged: bool = False  # its end is logged and counted (closed, or target unavailable)
     ticket: Ticket | None = None  # its slots (tunnel/limits.py)
+    handed_over: bool = False  # routed to another tunnel on its listen address (by SNI)
 
 
 class Story:

@@ -202,6 +202,23 @@ class Listeners:
         self._borrowers: dict[Address, int] = {}
         self._adopted: set[Address] = set()
         self._accepting: dict[Address, trio.Lock] = {}
+        self._members: dict[Address, dict[str, Any]] = {}
+
+    def join(self, address: Address, name: str, member: Any) -> None:
+        """`member` (a tunnel) takes connections routed to it on `address` (by SNI)."""
+        self._members.setdefault(address, {})[name] = member
+
+    def leave(self, address: Address, name: str, member: Any) -> None:
+        """`member` takes no more connections on `address` (if it is the one that joined)."""
+        members = self._members.get(address, {})
+        if members.get(name) is member:
+            del members[name]
+            if not members:
+                self._members.pop(address, None)
+
+    def members(self, address: Address) -> list[Any]:
+        """The tunnels taking connections on `address` now, in the order they joined."""
+        return list(self._members.get(address, {}).values())
 
     def accepting(self, address: Address) -> trio.Lock:
         """Held by whichever borrower is waiting in accept(2) on `address`: trio lets one

@@ -49,7 +49,7 @@ async def serve_tls_client(
                 plain = PlainStream(sock)
                 negotiation = await negotiate_as_server(plain)
                 if negotiation.refused is not None:
-                    await _refuse_in_plaintext(host, conn, plain, negotiation.refused, negotiation.reply)
+                    await refuse_in_plaintext(host, conn, plain, negotiation.refused, negotiation.reply)
                     return
                 preread = Preread(negotiation.prefix, negotiation.direct)
             client = TLSStream(sock, state.context, server_side=True, received=preread.data if preread else b"")
@@ -69,7 +69,12 @@ async def serve_tls_client(
         refuse(host, conn, client or PlainStream(sock), during_handshake(exc))
         return
     assert client is not None
-    if preread is not None and preread.direct and client.ssl.selected_alpn_protocol() != postgres.ALPN:
+    if (
+        config.protocol == "postgres"
+        and preread is not None
+        and preread.direct
+        and client.ssl.selected_alpn_protocol() != postgres.ALPN
+    ):
         refuse(host, conn, client, postgres.NO_ALPN)
         return
     host.metrics.handshake_seconds(host.name, trio.current_time() - started)
@@ -124,7 +129,7 @@ async def serve_tls_client(
     await relay_and_close(host, client, target_stream, conn, config.limits.idle_timeout)
 
 
-async def _refuse_in_plaintext(host: Host, conn: Connection, plain: PlainStream, why: Outcome, reply: bytes) -> None:
+async def refuse_in_plaintext(host: Host, conn: Connection, plain: PlainStream, why: Outcome, reply: bytes) -> None:
     """A client that did not ask for TLS: send it `reply` (say, PostgreSQL's ErrorResponse,
     which psql shows), then close with a FIN so that it reads the reply. Logged refused."""
     host.story.refused(conn, why)

@@ -16,18 +16,28 @@ from typing import Any
 
 import trio
 
+from tunnel.client_hello import unrecognized_name_alert
 from tunnel.client_side import serve_plain_client
-from tunnel.config import UnixSocket, format_sockaddr
+from tunnel.config import TunnelConfig, UnixSocket, format_sockaddr
 from tunnel.connection import Connection, Story
 from tunnel.limits import SHED_DISPLACED, Gate, ShedLog, Ticket, source_key
 from tunnel.listener import Listeners, accept, set_unix_permissions
 from tunnel.logs import event
 from tunnel.metrics import Metrics, NoMetrics
-from tunnel.outcomes import CERTIFICATE_EXPIRED, CERTIFICATE_EXPIRED_END, CLOSED_BY_THE_DAEMON, closed_on_reload
+from tunnel.outcomes import (
+    CERTIFICATE_EXPIRED,
+    CERTIFICATE_EXPIRED_END,
+    CLOSED_BY_THE_DAEMON,
+    HANDSHAKE_TIMEOUT,
+    closed_on_reload,
+    during_handshake,
+    refusal,
+)
 from tunnel.pipeline import Endings, refuse
-from tunnel.server_side import serve_tls_client
+from tunnel.router import mismatch, pick, read_opening, unknown_name
+from tunnel.server_side import Preread, refuse_in_plaintext, serve_tls_client
 from tunnel.state import TunnelState
-from tunnel.streams import PlainStream
+from tunnel.streams import PlainStream, StreamBroken
 from tunnel.unix_peers import peer_credentials, unix_peer_refusal
 
 log = logging.getLogger("tunnel")
@@ -56,6 +66,7 @@ class Tunnel:
         self.accept_failing: str | None = None  # why accept(2) keeps failing (EMFILE...), until it works again
         self._stop_accepting = trio.CancelScope()
         self._connections_scope: trio.CancelScope | None = None
+        self._connections: trio.Nursery | None = None  # where connections routed here run
         self._listener: socket.socket | None = None
         self._drain = True
         self._bound = state.config.listen  # what the listener was bound to (listen may move)
@@ -68,6 +79,11 @@ class Tunnel:
             bytes_in += conn.stats.bytes_in
             bytes_out += conn.stats.bytes_out
         return bytes_in, bytes_out
+
+    @property
+    def config(self) -> TunnelConfig:
+        """The configuration in force now."""
+        return self.state.config
 
     @property
     def expiries(self) -> list[tuple[Path, datetime]]:
@@ -101,8 +117,10 @@ class Tunnel:
         try:
             async with trio.open_nursery() as connections:
                 self._connections_scope = connections.cancel_scope
+                self._connections = connections
                 with self._stop_accepting:
                     self.listening = True
+                    self._listeners.join(self._bound, self.name, self)
                     task_status.started(listener.getsockname())
                     event(
                         logging.INFO,
@@ -152,6 +170,7 @@ class Tunnel:
         """Return the socket to the registry (once), which closes it if nobody else holds it."""
         if self._listener is not None:
             self._listener = None
+            self._listeners.leave(self._bound, self.name, self)
             self._listeners.give_back(self._bound)
 
     def stop(self, *, drain: bool = True) -> None:
@@ -239,7 +258,63 @@ class Tunnel:
         self.metrics.shed(self.name, reason)
         self._shed_log.record(reason, source, format_sockaddr(address), trio.current_time())
 
-    async def _handle(self, sock: socket.socket, address: Any, ticket: Ticket) -> None:
+    async def take(self, sock: socket.socket, address: Any, preread: Preread) -> bool:
+        """Serve a socket another tunnel on the same address accepted and routed here (by
+        SNI): admitted under this tunnel's caps (waiting for room as the accept loop does;
+        the caller bounds the wait), then served with `preread`. False if this tunnel
+        takes no connections now (stopped); the caller keeps the socket then."""
+        if self._connections is None or not self.listening:
+            return False
+        tcp = sock.family != socket.AF_UNIX
+        source = source_key(address) if tcp else None
+        while (ticket := self.gate.admit(source, trio.current_time(), handshake=True)) is None:
+            await self.gate.wait_for_room(handshake=True, displace=tcp)
+        if isinstance(ticket, str):
+            self._shed(sock, address, source, ticket)
+        else:
+            self._connections.start_soon(self._handle, sock, address, ticket, preread)
+        return True
+
+    async def _route(self, sock: socket.socket, conn: Connection, state: TunnelState) -> Preread | None:
+        """A shared address (`sni`): read the client's opening and pick the tunnel it
+        names. Returns the opening as a Preread when that is this tunnel; None when it was
+        refused (logged) or handed to another tunnel (conn.handed_over)."""
+        plain = PlainStream(sock)
+        members: list[Tunnel] = self._listeners.members(self._bound) or [self]
+        postgres_here = any(member.config.protocol == "postgres" for member in members)
+        with trio.move_on_after(state.config.limits.handshake_timeout) as waited:
+            try:
+                opening = await read_opening(plain, postgres_here=postgres_here)
+            except StreamBroken as exc:
+                refuse(self, conn, plain, during_handshake(exc))
+                return None
+        if waited.cancelled_caught:
+            refuse(self, conn, plain, HANDSHAKE_TIMEOUT)
+            return None
+        if opening.refused is not None:
+            await refuse_in_plaintext(self, conn, plain, opening.refused, opening.reply)
+            return None
+        assert opening.hello is not None
+        server_name = opening.hello.server_name
+        chosen = pick(server_name, members)
+        why = unknown_name(server_name, str(self._bound)) if chosen is None else mismatch(opening, chosen.config)
+        if why is not None:
+            self.story.refused(conn, why)
+            with contextlib.suppress(StreamBroken), trio.move_on_after(1):
+                await plain.send_all(unrecognized_name_alert())
+            plain.close()
+            return None
+        assert chosen is not None
+        preread = Preread(opening.data, direct=not opening.ssl_request)
+        if chosen is self:
+            return preread
+        with trio.move_on_after(state.config.limits.handshake_timeout):
+            conn.handed_over = await chosen.take(sock, conn.address, preread)
+        if not conn.handed_over:
+            refuse(self, conn, plain, refusal("no room", f"(tunnel {chosen.name} is at its limits or stopping)"))
+        return None
+
+    async def _handle(self, sock: socket.socket, address: Any, ticket: Ticket, preread: Preread | None = None) -> None:
         peer = format_sockaddr(address)
         conn = Connection(
             peer=peer,
@@ -260,8 +335,12 @@ class Tunnel:
                         if why is not None:
                             refuse(self, conn, PlainStream(sock), why)
                             return
+                if state.config.sni and preread is None:
+                    preread = await self._route(sock, conn, state)
+                    if preread is None:
+                        return
                 if state.config.mode == "server":
-                    await serve_tls_client(self, state, sock, conn)
+                    await serve_tls_client(self, state, sock, conn, preread)
                 else:
                     await serve_plain_client(self, state, sock, conn)
             if ticket.displaced:  # counted and logged (summed) here, not once each
@@ -283,4 +362,5 @@ class Tunnel:
             self._closed_bytes[0] += conn.stats.bytes_in
             self._closed_bytes[1] += conn.stats.bytes_out
             self.gate.release(ticket)
-            sock.close()
+            if not conn.handed_over:
+                sock.close()

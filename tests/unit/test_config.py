@@ -1217,3 +1217,81 @@ def test_connection_caps_default_from_max_connections(
         limits.per_source_connections,
         limits.per_identity_connections,
     ) == expected
+
+
+# -- protocol and sni ----------------------------------------------------------------------
+
+
+def test_protocol_defaults_to_tcp_and_takes_postgres(tmp_path: Path) -> None:
+    make_pki_files(tmp_path)
+    assert load_file(write_yaml(tmp_path / "a.yaml", server_doc())).protocol == "tcp"
+    assert load_file(write_yaml(tmp_path / "b.yaml", client_doc(protocol="postgres"))).protocol == "postgres"
+    with pytest.raises(ConfigError) as caught:
+        load_file(write_yaml(tmp_path / "c.yaml", server_doc(protocol="mysql")))
+    assert caught.value.key == "protocol"
+    assert "tcp or postgres" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("sni", "key", "words"),
+    [
+        ([], "sni", "empty"),
+        (["bad name"], "sni[0]", "not a host name"),
+        (["a.example", "A.example."], "sni[1]", "twice"),
+        (["x.*.example"], "sni[0]", "not a host name"),
+        ([7], "sni[0]", "expected a server name"),
+    ],
+)
+def test_sni_names_are_checked(tmp_path: Path, sni: list[Any], key: str, words: str) -> None:
+    make_pki_files(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        load_file(write_yaml(tmp_path / "a.yaml", server_doc(sni=sni)))
+    assert caught.value.key == key
+    assert words in caught.value.message
+
+
+def test_sni_is_only_for_server_tunnels(tmp_path: Path) -> None:
+    make_pki_files(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        load_file(write_yaml(tmp_path / "a.yaml", client_doc(sni=["a.example"])))
+    assert caught.value.key == "sni"
+
+
+def test_sni_names_are_lower_cased_without_a_trailing_dot(tmp_path: Path) -> None:
+    make_pki_files(tmp_path)
+    config = load_file(write_yaml(tmp_path / "a.yaml", server_doc(sni=["Redis.Internal.", "*.Example", "*"])))
+    assert config.sni == ("redis.internal", "*.example", "*")
+
+
+def test_tunnels_naming_distinct_server_names_share_a_listen_address(tmp_path: Path) -> None:
+    make_pki_files(tmp_path)
+    write_yaml(tmp_path / "a.yaml", server_doc(name="a", sni=["a.example"]))
+    write_yaml(tmp_path / "b.yaml", server_doc(name="b", sni=["b.example", "*.b.example"]))
+    write_yaml(tmp_path / "c.yaml", server_doc(name="c", sni=["*"]))
+    assert [c.name for c in load_paths([tmp_path])] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(["a.example"], ["A.example"]), (["*.example"], ["x.example"]), (["*"], ["*"]), (["*.e"], ["*.e"])],
+)
+def test_check_refuses_server_names_two_tunnels_on_one_address_both_admit(
+    tmp_path: Path, first: list[str], second: list[str]
+) -> None:
+    make_pki_files(tmp_path)
+    write_yaml(tmp_path / "a.yaml", server_doc(name="a", sni=first))
+    b = write_yaml(tmp_path / "b.yaml", server_doc(name="b", sni=second))
+    with pytest.raises(ConfigError) as caught:
+        load_paths([tmp_path])
+    assert (caught.value.file, caught.value.key) == (str(b), "sni")
+    assert "each name must pick one tunnel" in caught.value.message
+
+
+def test_check_refuses_a_shared_address_where_a_tunnel_names_no_server_names(tmp_path: Path) -> None:
+    make_pki_files(tmp_path)
+    write_yaml(tmp_path / "a.yaml", server_doc(name="a", sni=["a.example"]))
+    b = write_yaml(tmp_path / "b.yaml", server_doc(name="b"))
+    with pytest.raises(ConfigError) as caught:
+        load_paths([tmp_path])
+    assert (caught.value.file, caught.value.key) == (str(b), "listen")
+    assert "only when each names its server names (sni)" in caught.value.message
