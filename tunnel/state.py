@@ -23,13 +23,16 @@ class Resumption:
     """What resuming TLS sessions needs to remember under one state: the part of it that
     changes while it serves, kept apart from the rest, which never does.
 
-    `sessions` (client mode): the last session per target, offered to resume. `peers`:
+    `sessions` (client mode): the last session per target, offered to resume;
+    `not_resuming`: the targets that failed a handshake offering one and then completed a
+    full one (tunnel/client_side.py), offered none again. `peers`:
     the verdicts of full handshakes (see trust.PeerRecords). Both are tied to the state's
     SSL context: a reload makes a new state, a new context (an empty session cache) and a
     new Resumption together, so nothing resumes across a change of trust."""
 
     def __init__(self, trust: Trust) -> None:
         self.sessions: dict[Address, ssl.SSLSession] = {}
+        self.not_resuming: set[Address] = set()
         self.peers = PeerRecords(trust)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -35,6 +36,7 @@ from tests.helpers import (
 )
 from tunnel.config import load_file
 from tunnel.metrics import PrometheusMetrics
+from tunnel.openssl import libssl, ssl_ctx_pointer
 from tunnel.state import TunnelState
 from tunnel.tunnel import Tunnel
 
@@ -233,13 +235,23 @@ async def client_tunnel(doc: dict[str, Any], tmp: Path) -> AsyncIterator[tuple[s
 
 
 @asynccontextmanager
-async def tls_server(p: PKI, *, version: ssl.TLSVersion, tickets: bool = True) -> AsyncIterator[tuple[str, Backend]]:
+async def tls_server(
+    p: PKI, *, version: ssl.TLSVersion, tickets: bool = True, session_id_context: bool = True
+) -> AsyncIterator[tuple[str, Backend]]:
     """A stdlib TLS server (up to `version`, in a thread, with blocking sockets: OpenSSL
-    writes its alerts straight to the socket) requiring a certificate from p's CA; echoes."""
+    writes its alerts straight to the socket) requiring a certificate from p's CA; echoes.
+    Without `session_id_context` it is redis-server with `tls-session-caching no`: it sends
+    session tickets, and fails every handshake that offers one (OpenSSL: "session id
+    context uninitialized", an internal error alert), SSL_CTX_set_session_id_context(3)."""
     context = p.server_context()
     context.maximum_version = version
     if not tickets:
         context.num_tickets = 0
+    if not session_id_context:
+        lib, handle = libssl(), ssl_ctx_pointer(context)
+        assert lib is not None
+        assert handle is not None
+        assert lib.SSL_CTX_set_session_id_context(ctypes.c_void_p(handle), b"", 0) == 1
     state = Backend()
     listener = socket.create_server(("127.0.0.1", 0))
     state.port = listener.getsockname()[1]
@@ -366,3 +378,32 @@ async def test_a_client_tunnel_accepted_under_tls_1_3_is_opened_and_relays(
             assert counted(metrics, "tunnel_connections_opened_total") == 1
             assert counted(metrics, "tunnel_connections_refused_total", reason="refused by server") == 0
     assert any(r.getMessage().startswith("opened tunnel=client") for r in caplog.records)
+
+
+async def test_a_client_tunnel_stops_resuming_with_a_server_that_fails_resumed_handshakes(
+    pki_files: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that sends tickets but fails every handshake offering one (redis-server
+    with `tls-session-caching no`): every connection after the first used to be refused
+    (`refused by server: internal error`). Now the refused resumption is retried at once
+    with a full handshake, said once as a warning, and no session is offered again."""
+    caplog.set_level(logging.INFO, logger="tunnel")
+    async with tls_server(pki_files, version=ssl.TLSVersion.TLSv1_3, session_id_context=False) as (server, state):
+        async with client_tunnel(client_doc(pki_files, server), tmp_path) as (address, metrics):
+            for _ in range(4):
+                async with await tcp_connect(address) as app:
+                    with trio.fail_after(5):
+                        await app.send_all(b"ping")
+                        assert await app.receive_some() == b"ping"
+                        await app.send_eof()
+                        assert await recv_all(app) == b""
+                with trio.fail_after(5):
+                    while counted(metrics, "tunnel_connections_closed_total", reason="done") < _ + 1:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+            assert counted(metrics, "tunnel_connections_opened_total") == 4
+            assert counted(metrics, "tunnel_connections_refused_total", reason="refused by server") == 0
+    messages = [r.getMessage() for r in caplog.records]
+    warned = [m for m in messages if m.startswith("resumption refused tunnel=client")]
+    assert len(warned) == 1, messages
+    assert "refused by server: internal error" in warned[0]
+    assert state.accepted == 4  # one failed resumption, then four full handshakes
