@@ -42,7 +42,7 @@ test: lint $(SSLYZE_STAMP)
 unit: $(STAMP)
 	$(VENV)/bin/pytest tests/unit
 
-# Installs what is missing with apt-get (stunnel4, nginx + its stream module, haproxy,
+# Installs what is missing with apt-get (stunnel4, nginx + its stream module, haproxy, postgresql,
 # redis, gcc, libssl-dev), builds bench/*.c, runs about 10 minutes, writes docs/benchmark.*
 bench: $(BENCH_STAMP)
 	.venv-bench/bin/python bench/run.py

@@ -240,25 +240,37 @@ PAIR_PEERS = ("tunnel", "stunnel4")
 TRIO_FLOOR = "trio-floor"
 
 
-def start_server(procs: Processes, setup: Setup, peer: str, target: int, *, workers: int = 1) -> Server:
+def start_server(
+    procs: Processes, setup: Setup, peer: str, target: int, *, workers: int = 1, protocol: str = "tcp"
+) -> Server:
+    """`protocol` "postgres": PostgreSQL's SSLRequest before the TLS (tunnel: `protocol:
+    postgres`, stunnel4: `protocol = pgsql`); only those two speak it."""
     port = free_port()
-    writers = {"tunnel": _tunnel_server, "stunnel4": _stunnel_server, "nginx": _nginx, "haproxy": _haproxy}
-    argv = writers[peer](setup, port, target, workers)
+    if peer == "tunnel":
+        argv = _tunnel_server(setup, port, target, workers, protocol)
+    elif peer == "stunnel4":
+        argv = _stunnel_server(setup, port, target, workers, protocol)
+    elif protocol != "tcp":
+        raise ValueError(f"{peer} does not speak protocol {protocol}")
+    else:
+        argv = {"nginx": _nginx, "haproxy": _haproxy}[peer](setup, port, target, workers)
     label = peer if workers == 1 else f"{peer}-w{workers}"
     proc = procs.start(f"{label}-server", argv)
     wait_listening(proc, port)
     return Server(label, proc, port)
 
 
-def start_pair(procs: Processes, setup: Setup, peer: str, target: int) -> Pair:
+def start_pair(procs: Processes, setup: Setup, peer: str, target: int, *, protocol: str = "tcp") -> Pair:
+    """A client+server pair in front of `target`; `protocol` as for `start_server` (the
+    trio floor relays bytes whatever they are)."""
     if peer == TRIO_FLOOR:
         return _trio_floor_pair(procs, setup, target)
-    server = start_server(procs, setup, peer, target)
+    server = start_server(procs, setup, peer, target, protocol=protocol)
     port = free_port()
     if peer == "tunnel":
-        argv = _tunnel_client(setup, port, server.port)
+        argv = _tunnel_client(setup, port, server.port, protocol)
     elif peer == "stunnel4":
-        argv = _stunnel_client(setup, port, server.port)
+        argv = _stunnel_client(setup, port, server.port, protocol)
     else:
         raise ValueError(f"no client side for {peer}")
     client = procs.start(f"{peer}-client", argv)
@@ -296,17 +308,19 @@ _TUNNEL_LIMITS = {
 }
 
 
-def _tunnel_server(setup: Setup, port: int, target: int, workers: int) -> list[str]:
+def _tunnel_server(setup: Setup, port: int, target: int, workers: int, protocol: str = "tcp") -> list[str]:
     doc = server_doc(setup.pki, f"{LOCALHOST}:{target}", listen=f"{LOCALHOST}:{port}", limits=_TUNNEL_LIMITS)
     doc["tls"]["min_version"] = "1.3"
+    doc["protocol"] = protocol
     path = write_yaml(setup.dir / f"tunnel-server-{port}.yaml", doc)
     argv = [setup.python, "-m", "tunnel.cli", "run", str(path)]
     return argv if workers == 1 else [*argv, "--workers", str(workers)]
 
 
-def _tunnel_client(setup: Setup, port: int, server: int) -> list[str]:
+def _tunnel_client(setup: Setup, port: int, server: int, protocol: str = "tcp") -> list[str]:
     doc = client_doc(setup.pki, f"{LOCALHOST}:{server}", listen=f"{LOCALHOST}:{port}", limits=_TUNNEL_LIMITS)
     doc["tls"]["min_version"] = "1.3"
+    doc["protocol"] = protocol
     path = write_yaml(setup.dir / f"tunnel-client-{port}.yaml", doc)
     return [setup.python, "-m", "tunnel.cli", "run", str(path)]
 
@@ -316,26 +330,34 @@ def _tunnel_client(setup: Setup, port: int, server: int) -> list[str]:
 _STUNNEL_GLOBAL = "foreground = yes\npid =\nsyslog = no\n"
 
 
-def _stunnel_server(setup: Setup, port: int, target: int, workers: int) -> list[str]:
+def _stunnel_protocol(protocol: str) -> str:
+    """stunnel's `protocol = pgsql` (both sides: stunnel(8), "protocol"): the client sends
+    SSLRequest, the server answers it. stunnel's client does not answer the application's
+    own SSLRequest, so the application must not send one (libpq: sslmode=disable)."""
+    return {"tcp": "", "postgres": "protocol = pgsql\n"}[protocol]
+
+
+def _stunnel_server(setup: Setup, port: int, target: int, workers: int, protocol: str = "tcp") -> list[str]:
     if workers != 1:
         raise ValueError("stunnel4 has no worker processes")
     p = setup.pki
     text = (
         f"{_STUNNEL_GLOBAL}[server]\naccept = {LOCALHOST}:{port}\nconnect = {LOCALHOST}:{target}\n"
         f"cert = {p.crt('server')}\nkey = {p.key('server')}\nCAfile = {p.ca}\n"
-        "verifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\n"
+        "verifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\n" + _stunnel_protocol(protocol)
     )
     path = setup.dir / f"stunnel-server-{port}.conf"
     path.write_text(text)
     return ["stunnel4", str(path)]
 
 
-def _stunnel_client(setup: Setup, port: int, server: int) -> list[str]:
+def _stunnel_client(setup: Setup, port: int, server: int, protocol: str = "tcp") -> list[str]:
     p = setup.pki
     text = (
         f"{_STUNNEL_GLOBAL}[client]\nclient = yes\naccept = {LOCALHOST}:{port}\nconnect = {LOCALHOST}:{server}\n"
         f"cert = {p.crt('app1')}\nkey = {p.key('app1')}\nCAfile = {p.ca}\n"
         "verifyChain = yes\ncheckHost = localhost\nsni = localhost\nsslVersionMin = TLSv1.3\n"
+        + _stunnel_protocol(protocol)
     )
     path = setup.dir / f"stunnel-client-{port}.conf"
     path.write_text(text)

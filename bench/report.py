@@ -77,6 +77,7 @@ def main_rows(settings: dict[str, Any]) -> list[Row]:
         Row("mem_per_conn_kib", "Memory per idle authenticated connection", "KiB", False, 0.5, short="memory/conn"),
         Row("redis_set", "redis-benchmark SET through a pair", "req/s", True, 1.0, short="redis SET"),
         Row("redis_get", "redis-benchmark GET through a pair", "req/s", True, 1.0, short="redis GET"),
+        Row("pgbench_tps", "pgbench -S through a pair (protocol postgres)", "tps", True, 1.0, short="pgbench -S"),
     ]
 
 
@@ -103,6 +104,7 @@ DIRECT_ROWS = [
     ("lat_pair_cpu_us", "CPU of both forwarders per round trip (µs)", "{:.0f}"),
     ("redis_set", "redis-benchmark SET (req/s)", "{:.0f}"),
     ("redis_get", "redis-benchmark GET (req/s)", "{:.0f}"),
+    ("pgbench_tps", "pgbench -S (tps)", "{:.0f}"),
 ]
 
 
@@ -144,6 +146,7 @@ def machine_info(root: Path) -> dict[str, Any]:
         "nginx": _first_line(["nginx", "-v"]),
         "haproxy": _first_line(["haproxy", "-v"]),
         "redis": _first_line(["redis-server", "--version"]),
+        "pgbench": _first_line(["pgbench", "--version"]),
         "gcc": _first_line(["gcc", "--version"]),
         "git": f"{commit}{' + uncommitted changes in tunnel/' if dirty else ''}",
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
@@ -300,12 +303,13 @@ def markdown(results: Results, info: dict[str, Any]) -> str:
         f"- Load average before / after: {' '.join(info['loadavg_before'])} / "
         f"{' '.join(info.get('loadavg_after', ['?']))} (the machine is shared: other jobs may have run)",
         f"- tunnel: git {info['git']}; Python {info['python']} ({info['python_openssl']}), trio {info['trio']}",
-        f"- {info['stunnel4']}; {info['nginx']}; {info['haproxy']}; {info['redis']}",
+        f"- {info['stunnel4']}; {info['nginx']}; {info['haproxy']}; {info['redis']}; {info.get('pgbench', '')}",
         f"- Load generator and target: C, {info['gcc']}, against the system {info['system_openssl']}",
         f"- Sizes: bulk {s['bulk_mib']} MiB; handshakes {s['hs_seconds']} s per run with {s['hs_conns']} "
         f"concurrent connections; latency {s['latency_rounds']} round trips of {s['latency_size']} B after 200 "
         f"warm-up ones; memory {s['hold']} connections held; redis-benchmark -n {s['redis_requests']} "
-        f"-c {s['redis_clients']}",
+        f"-c {s['redis_clients']}; pgbench -S -T {s.get('pgbench_seconds', '?')} -c {s.get('pgbench_clients', '?')} "
+        "-j 2 (scale 1)",
         "- The handshake load generator is one thread pinned to the last CPU; the servers are not",
         "  pinned. With 2 cores the generator shares the machine with the server it measures: the",
         "  server-side table says how much CPU each took. A full TLS 1.3 mTLS handshake costs the",

@@ -5,7 +5,7 @@ in alternating runs (ours, stunnel4, ..., ours, stunnel4, ...), medians quoted.
     make bench-smoke    # everything once with tiny sizes; writes build/bench/
     .venv-bench/bin/python bench/run.py [--quick] [--only NAME]... [--rounds N] [--out DIR]
 
-Measures (names for --only): bulk, handshake, latency, memory, redis. See bench/README.md
+Measures (names for --only): bulk, handshake, latency, memory, redis, pgbench. See bench/README.md
 for what each number means. Every process the run starts is stopped when it ends, however
 it ends; the logs of all of them are kept in build/bench/logs/.
 """
@@ -13,8 +13,10 @@ it ends; the logs of all of them are kept in build/bench/logs/.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -50,7 +52,7 @@ from report import Results, machine_info, write_report  # noqa: E402
 
 from tests.helpers import make_pki  # noqa: E402
 
-MEASURES = ("bulk", "handshake", "latency", "memory", "redis")
+MEASURES = ("bulk", "handshake", "latency", "memory", "redis", "pgbench")
 BUILD = ROOT / "build" / "bench"
 
 # What the run needs from Debian: a command (or file) → the package that provides it.
@@ -61,6 +63,8 @@ SYSTEM_NEEDS = {
     "haproxy": "haproxy",
     "redis-server": "redis-server",
     "redis-benchmark": "redis-tools",
+    "/usr/lib/postgresql/*/bin/initdb": "postgresql",
+    "pgbench": "postgresql-client",
     "gcc": "gcc",
     "/usr/include/openssl/ssl.h": "libssl-dev",
 }
@@ -78,18 +82,22 @@ class Settings:
     hold: int
     redis_requests: int
     redis_clients: int
+    pgbench_seconds: int
+    pgbench_clients: int
 
     @classmethod
     def make(cls, quick: bool, rounds: int | None) -> Settings:
         if quick:
-            return cls(True, rounds or 1, 16, 0.5, 16, 300, 64, 50, 2000, 20)
-        return cls(False, rounds or 5, 512, 6.0, 50, 5000, 64, 1000, 50000, 20)
+            return cls(True, rounds or 1, 16, 0.5, 16, 300, 64, 50, 2000, 20, 2, 8)
+        return cls(False, rounds or 5, 512, 6.0, 50, 5000, 64, 1000, 50000, 20, 8, 8)
 
 
 # ----------------------------------------------------------------------------- setup
 
 
 def find(command: str) -> str | None:
+    if "*" in command:
+        return max(glob.glob(command), default=None)
     if command.startswith("/"):
         return command if Path(command).exists() else None
     return shutil.which(command) or next(
@@ -110,7 +118,7 @@ def ensure_system_packages() -> None:
     subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
     # Debian may start the packaged services; they are not used (everything here runs on
     # free ports) and no systemd usually runs in a container, so this is best effort.
-    for service in ("nginx", "haproxy", "redis-server"):
+    for service in ("nginx", "haproxy", "redis-server", "postgresql"):
         subprocess.run(["service", service, "stop"], capture_output=True, check=False)
 
 
@@ -347,6 +355,90 @@ class Bench:
         wait_listening(self.procs.start("redis-server", argv), port)
         return port
 
+    # -- 6. pgbench
+
+    def pgbench(self, rnd: int, pg_port: int) -> None:
+        """`pgbench -S` (select-only: one round trip per transaction) through a pair speaking
+        PostgreSQL's SSLRequest (tunnel `protocol: postgres`, stunnel4 `protocol = pgsql`),
+        the application in plaintext (sslmode=disable: stunnel's client does not answer an
+        application's SSLRequest). Transactions per second, initial connections excluded."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"PGSSLMODE": "disable"}
+        for peer in (*PAIR_PEERS, TRIO_FLOOR, "direct"):
+            pair = None if peer == "direct" else start_pair(self.procs, self.setup, peer, pg_port, protocol="postgres")
+            try:
+                port = pg_port if pair is None else pair.port
+                argv = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, "-n", "-S"]
+                argv += ["-T", str(self.settings.pgbench_seconds), "-c", str(self.settings.pgbench_clients)]
+                argv += ["-j", "2", PG_DATABASE]
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False, env=env)
+            finally:
+                if pair is not None:
+                    self.procs.stop(pair.client)
+                    self.procs.stop(pair.server)
+            found = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
+            if done.returncode != 0 or found is None:
+                raise RuntimeError(f"pgbench through {peer} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+            self.results.add("pgbench_tps", peer, float(found[1]))
+            self.say(f"pgbench -S {peer}: {float(found[1]):.0f} tps")
+
+    def start_postgres(self) -> int:
+        """A throwaway PostgreSQL (initdb in the run's temporary directory; durability off),
+        trusting 127.0.0.1, on a free port, with `pgbench -i -s 1` done. As root it runs as
+        the `postgres` account (initdb and postgres refuse root), through setpriv(1), which
+        execs: the process stopped is postgres itself."""
+        home = self.setup.dir / "postgres"
+        home.mkdir()
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            account = pwd.getpwnam("postgres")
+            self.setup.dir.chmod(0o711)  # postgres must reach its directory, not list ours
+            os.chown(home, account.pw_uid, account.pw_gid)
+            as_user = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups"]
+        data = home / "data"
+        initdb = [postgres_program("initdb"), "-D", str(data), "-U", PG_USER, "-A", "trust", "-E", "UTF8"]
+        init = subprocess.run(
+            [*as_user, *initdb, "--locale=C", "--no-sync"], capture_output=True, text=True, check=False
+        )
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}{init.stderr}")
+        port = free_port()
+        argv = [*as_user, postgres_program("postgres"), "-D", str(data)]
+        for setting in (
+            f"port={port}",
+            "listen_addresses=127.0.0.1",
+            f"unix_socket_directories={home}",
+            "fsync=off",
+            "synchronous_commit=off",
+            "full_page_writes=off",
+            "max_connections=100",
+        ):
+            argv += ["-c", setting]
+        server = self.procs.start("postgres", argv)
+        deadline = time.monotonic() + 30
+        ready = [postgres_program("pg_isready"), "-q", "-h", str(home), "-p", str(port), "-U", PG_USER]
+        while subprocess.run(ready, check=False).returncode != 0:
+            if server.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"postgres did not start:\n{server.log_tail()}")
+            time.sleep(0.1)
+        local = ["-h", str(home), "-p", str(port), "-U", PG_USER]
+        for argv in (["createdb", *local, PG_DATABASE], ["pgbench", *local, "-i", "-s", "1", "-q", PG_DATABASE]):
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"{argv[0]} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        return port
+
+
+# PostgreSQL: the database user (initdb's superuser, trusted on 127.0.0.1) and database.
+PG_USER, PG_DATABASE = "bench", "bench"
+
+
+def postgres_program(name: str) -> str:
+    """Debian keeps PostgreSQL's programs in /usr/lib/postgresql/VERSION/bin (the newest)."""
+    found = find(f"/usr/lib/postgresql/*/bin/{name}")
+    if found is None:
+        raise RuntimeError(f"{name}: not in /usr/lib/postgresql/*/bin (apt-get install postgresql)")
+    return found
+
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.make(args.quick, args.rounds)
@@ -369,6 +461,7 @@ def run(args: argparse.Namespace) -> int:
             bench = Bench(settings, setup, procs, tools, results, workers)
             bench.start_targets()
             redis_port = bench.start_redis() if "redis" in measures else 0
+            pg_port = bench.start_postgres() if "pgbench" in measures else 0
             print(
                 f"bench: {', '.join(measures)}; {settings.rounds} round(s), alternating; "
                 f"load generator pinned to CPU {bench.loadgen_cpu}; tunnel --workers: {'yes' if workers else 'no'}",
@@ -379,6 +472,8 @@ def run(args: argparse.Namespace) -> int:
                 for name in measures:
                     if name == "redis":
                         bench.redis(rnd, redis_port)
+                    elif name == "pgbench":
+                        bench.pgbench(rnd, pg_port)
                     else:
                         getattr(bench, name)(rnd)
         finally:

@@ -1,8 +1,8 @@
 """Start and stop real third-party services for system tests.
 
-Plain synchronous, subprocess-based helpers (no trio): redis-server, MariaDB and
-stunnel4, each bound to a free port on 127.0.0.1 and living in a caller-supplied
-temporary directory.
+Plain synchronous, subprocess-based helpers (no trio): redis-server, MariaDB,
+PostgreSQL and stunnel4, each bound to a free port on 127.0.0.1 and living in a
+caller-supplied temporary directory.
 
 Missing software: :func:`require_tool` skips the test, unless ``CI=true`` or
 ``TUNNEL_REQUIRE_SYSTEM=1`` is set, in which case it fails the test, so CI can
@@ -12,9 +12,12 @@ never silently skip the system tests.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -40,6 +43,10 @@ DEBIAN_PACKAGES: dict[str, str] = {
     "mysql": "mariadb-client",
     "stunnel4": "stunnel4",
     "stunnel": "stunnel4",
+    "initdb": "postgresql",
+    "postgres": "postgresql",
+    "psql": "postgresql-client",
+    "pgbench": "postgresql-client",
 }
 
 #: Directories searched in addition to $PATH (daemons live in /usr/sbin, which is
@@ -497,6 +504,280 @@ def run_mariadb(tmp: Path, timeout: float = 60.0) -> Iterator[MariaDB]:
         stop_process(process, timeout=30.0)
         if short_dir is not None:
             shutil.rmtree(short_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- postgresql
+
+#: The database user of every throwaway PostgreSQL (initdb's bootstrap superuser). It is
+#: the CN of the test PKI's client certificate ``app1`` too, as ``cert`` authentication
+#: requires (PostgreSQL documentation, "Client Authentication", "Certificate Authentication").
+POSTGRES_USER = "app1"
+POSTGRES_DATABASE = "postgres"
+
+#: Accounts PostgreSQL runs as when the tests run as root (initdb and postgres refuse to).
+_POSTGRES_ACCOUNTS = ("postgres", "nobody")
+
+_POSTGRES_DIR_GLOB = "/usr/lib/postgresql/*/bin"
+
+
+def _postgres_version(bin_dir: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", Path(bin_dir).parent.name))
+
+
+def postgres_tool(name: str) -> str:
+    """Absolute path of a PostgreSQL program (``initdb``, ``postgres``, ``psql``, ``pgbench``).
+
+    Debian keeps them in /usr/lib/postgresql/VERSION/bin (the server's are not on $PATH;
+    /usr/bin/psql is a wrapper script that picks a version): the newest version there,
+    else :func:`require_tool` (skip or fail naming the Debian package).
+    """
+    for bin_dir in sorted(glob.glob(_POSTGRES_DIR_GLOB), key=_postgres_version, reverse=True):
+        candidate = os.path.join(bin_dir, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return require_tool(name)
+
+
+@dataclass(frozen=True)
+class PostgresTLS:
+    """``ssl = on`` with these PEM files (copied for the server). pg_hba.conf then admits
+    TCP only as ``hostssl all all 127.0.0.1/32 cert``: TLS with a client certificate
+    issued under ``ca`` whose CN is the database user."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass
+class Postgres:
+    port: int
+    socket_dir: Path
+    process: subprocess.Popen[bytes]
+    datadir: Path
+    log: Path
+    tls: bool
+    host: str = LOCALHOST
+    user: str = POSTGRES_USER
+    database: str = POSTGRES_DATABASE
+
+    def query(self, sql: str, *, database: str | None = None, timeout: float = 30.0) -> str:
+        """Run ``sql`` over the unix socket (``trust``) in ``database`` (default
+        ``postgres``); its rows, ``|``-separated, stripped. Raises ServiceError with
+        psql's stderr on failure."""
+        where = conninfo(host=self.socket_dir, port=self.port, user=self.user, dbname=database or self.database)
+        result = psql(where, sql, timeout=timeout)
+        if result.returncode != 0:
+            raise ServiceError(f"psql over {self.socket_dir} failed ({result.returncode}) on {sql!r}: {result.stderr}")
+        return result.stdout.strip()
+
+    def tcp_connections(self) -> int:
+        """How many TCP connections PostgreSQL has accepted (``log_connections``' lines
+        ``connection received: host=127.0.0.1``; the unix socket's say ``host=[local]``)."""
+        return read_log(self.log, limit=10**9).count(f"connection received: host={LOCALHOST} ")
+
+
+def conninfo(**params: str | int | Path) -> str:
+    """A libpq connection string ``key='value' ...`` (PostgreSQL documentation, libpq,
+    "Connection Strings": single quotes, with backslash escaping ``'`` and ``\\``)."""
+
+    def quoted(value: str | int | Path) -> str:
+        return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    return " ".join(f"{key}={quoted(value)}" for key, value in params.items())
+
+
+def postgres_client_env(**extra: str) -> dict[str, str]:
+    """The environment for psql/pgbench: ours without any ``PG*`` variable (a stray
+    PGSSLMODE or PGHOST would change what is tested), ``PGCONNECT_TIMEOUT=5``, plus ``extra``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+    env["PGCONNECT_TIMEOUT"] = "5"
+    env.update(extra)
+    return env
+
+
+def psql(connection: str, sql: str, *, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """``psql -X -At -v ON_ERROR_STOP=1 -c SQL CONNECTION``: no ~/.psqlrc, rows unaligned
+    without headers. The return code is not checked: look at ``returncode``/``stderr``."""
+    argv = [postgres_tool("psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql, connection]
+    try:
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, check=False, env=postgres_client_env()
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ServiceError(f"psql timed out after {timeout}s on {connection!r} running {sql!r}") from exc
+
+
+def _postgres_account() -> pwd.struct_passwd | None:
+    """None when not root; else the account to run initdb and postgres as."""
+    if os.geteuid() != 0:
+        return None
+    for name in _POSTGRES_ACCOUNTS:
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise ServiceError(f"running as root, and none of the accounts {_POSTGRES_ACCOUNTS} exists to run PostgreSQL as")
+
+
+@dataclass(frozen=True)
+class _RunAs:
+    """subprocess's ``user``, ``group`` and ``extra_groups``: all None, as we are."""
+
+    user: int | None = None
+    group: int | None = None
+    extra_groups: list[int] | None = None
+
+
+def _as_account(account: pwd.struct_passwd | None) -> _RunAs:
+    if account is None:
+        return _RunAs()
+    return _RunAs(account.pw_uid, account.pw_gid, [])
+
+
+def _give(path: Path, account: pwd.struct_passwd | None) -> None:
+    if account is not None:
+        os.chown(path, account.pw_uid, account.pw_gid)
+
+
+def _private_dir(tmp: Path, account: pwd.struct_passwd | None) -> tuple[Path, bool]:
+    """Where the data directory and the unix socket go, and whether it is ours to delete:
+    ``tmp/pg`` when it will do, else a new short directory under /tmp (pytest's tmp is
+    closed to other users, and a deep one would not fit the socket path in sun_path)."""
+    inside = tmp / "pg"
+    if account is None and len(os.fsencode(inside / ".s.PGSQL.65535")) <= _MAX_UNIX_PATH:
+        inside.mkdir()
+        return inside, False
+    short = Path(tempfile.mkdtemp(prefix="tunnel-pg-"))
+    _give(short, account)
+    return short, True
+
+
+def _hba(tls: PostgresTLS | None) -> str:
+    """pg_hba.conf: the unix socket trusted (the fixture's own queries); TCP plaintext
+    trusted, or (``tls``) TLS-only with certificate authentication."""
+    tcp = "hostssl all all 127.0.0.1/32 cert" if tls is not None else "host all all 127.0.0.1/32 trust"
+    return f"local all all trust\n{tcp}\n"
+
+
+def _stop_postgres(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGINT is PostgreSQL's "fast" shutdown (SIGTERM's "smart" one waits for every
+    client to leave): postgres(1), "Signals". SIGKILL after ``timeout`` seconds."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def run_postgres(tmp: Path, tls: PostgresTLS | None = None, timeout: float = 60.0) -> Iterator[Postgres]:
+    """Run a throwaway PostgreSQL (fresh ``initdb``) on a free 127.0.0.1 port.
+
+    Superuser :data:`POSTGRES_USER`, database ``postgres``; the unix socket trusted; TCP
+    plaintext trusted, or with ``tls`` TLS-only with client-certificate authentication
+    (see :class:`PostgresTLS`). ``log_connections`` is on (see
+    :meth:`Postgres.tcp_connections`); durability is off (``fsync``, ``full_page_writes``).
+    As root, initdb and postgres run as the ``postgres`` account (else ``nobody``), as
+    both refuse to run as root.
+    """
+    initdb = postgres_tool("initdb")
+    server = postgres_tool("postgres")
+    postgres_tool("psql")
+    tmp.mkdir(parents=True, exist_ok=True)
+    account = _postgres_account()
+    private, owned = _private_dir(tmp, account)
+    try:
+        datadir = private / "data"
+        run_as = _as_account(account)
+        init = subprocess.run(
+            [initdb, "-D", str(datadir), "-U", POSTGRES_USER, "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+            user=run_as.user,
+            group=run_as.group,
+            extra_groups=run_as.extra_groups,
+        )
+        (tmp / "initdb.log").write_bytes(init.stdout)
+        if init.returncode != 0:
+            raise ServiceError(f"{initdb} failed ({init.returncode}):\n{init.stdout.decode(errors='replace')[-8000:]}")
+        hba = private / "pg_hba.conf"
+        hba.write_text(_hba(tls))
+        _give(hba, account)
+        port = free_port()
+        # fmt: off
+        settings = [
+            f"port={port}",
+            f"listen_addresses={LOCALHOST}",
+            f"unix_socket_directories={private}",
+            f"hba_file={hba}",
+            "fsync=off",
+            "full_page_writes=off",
+            "synchronous_commit=off",
+            "log_connections=on",
+            "logging_collector=off",
+            "shared_buffers=16MB",
+            "max_connections=40",
+        ]
+        # fmt: on
+        if tls is not None:
+            for name, source in (("server.crt", tls.cert), ("server.key", tls.key), ("ca.crt", tls.ca)):
+                shutil.copyfile(source, private / name)
+                (private / name).chmod(0o600)  # postgres refuses a key others can read
+                _give(private / name, account)
+            settings += [
+                "ssl=on",
+                f"ssl_cert_file={private / 'server.crt'}",
+                f"ssl_key_file={private / 'server.key'}",
+                f"ssl_ca_file={private / 'ca.crt'}",
+            ]
+        log_path = tmp / "postgres.log"
+        argv = [server, "-D", str(datadir)]
+        for setting in settings:
+            argv += ["-c", setting]
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                user=run_as.user,
+                group=run_as.group,
+                extra_groups=run_as.extra_groups,
+            )
+        postgres = Postgres(
+            port=port, socket_dir=private, process=process, datadir=datadir, log=log_path, tls=tls is not None
+        )
+        try:
+            try:
+                _poll(
+                    lambda: _postgres_ready(postgres),
+                    timeout,
+                    f"postgres to answer SELECT 1 over its unix socket in {private}",
+                    alive=_process_alive(process),
+                )
+            except ServiceError as exc:
+                raise ServiceError(f"{exc}\n--- {log_path} ---\n{read_log(log_path)}") from None
+            yield postgres
+        finally:
+            _stop_postgres(process)
+    finally:
+        if owned:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _postgres_ready(postgres: Postgres) -> bool:
+    if not (postgres.socket_dir / f".s.PGSQL.{postgres.port}").exists():
+        return False
+    try:
+        return postgres.query("SELECT 1", timeout=5.0) == "1"
+    except ServiceError:
+        return False
 
 
 # --------------------------------------------------------------------------- stunnel

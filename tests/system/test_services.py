@@ -11,11 +11,15 @@ import pytest
 
 from tests.system.services import (
     DEBIAN_PACKAGES,
+    LOCALHOST,
     MariaDB,
+    Postgres,
     Redis,
     ServiceError,
+    conninfo,
     free_port,
     mariadb_query,
+    psql,
     redis_benchmark,
     redis_cli,
     require_tool,
@@ -58,6 +62,31 @@ def test_mariadb_database(mariadb_server: MariaDB, mariadb_database: str) -> Non
 def test_mariadb_query_error_has_stderr(mariadb_server: MariaDB) -> None:
     with pytest.raises(ServiceError, match="SELEKT"):
         mariadb_query(mariadb_server.port, "SELEKT 1")
+
+
+def test_postgres_takes_plaintext_tcp_and_counts_its_connections(postgres_server: Postgres) -> None:
+    assert postgres_server.query("SELECT current_user") == "app1"
+    before = postgres_server.tcp_connections()
+    tcp = conninfo(host=LOCALHOST, port=postgres_server.port, user="app1", dbname="postgres", sslmode="disable")
+    result = psql(tcp, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    assert (result.returncode, result.stdout) == (0, "f\n"), result.stderr
+    assert postgres_server.tcp_connections() == before + 1
+
+
+def test_postgres_tls_only_refuses_plaintext(postgres_tls_server: Postgres) -> None:
+    tcp = conninfo(host=LOCALHOST, port=postgres_tls_server.port, user="app1", dbname="postgres", sslmode="disable")
+    result = psql(tcp, "SELECT 1")
+    assert result.returncode == 2
+    assert "no pg_hba.conf entry" in result.stderr
+
+
+def test_postgres_query_error_has_stderr(postgres_server: Postgres) -> None:
+    with pytest.raises(ServiceError, match="SELEKT"):
+        postgres_server.query("SELEKT 1")
+
+
+def test_conninfo_quotes_values() -> None:
+    assert conninfo(host="h", password="it's a \\ test") == "host='h' password='it\\'s a \\\\ test'"
 
 
 def test_stunnel_version(stunnel_path: str) -> None:
