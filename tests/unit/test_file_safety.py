@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kubelet import project
 from tunnel.file_safety import UnsafeFile, check_file
 
 NOBODY = 65534
@@ -85,3 +86,38 @@ def test_a_symlink_is_judged_by_where_it_leads_too(home: Path) -> None:
     target.chmod(0o666)
     with pytest.raises(UnsafeFile, match=f"{link} \\(that is {target}\\) is writable by every user"):
         check_file(link)
+
+
+# -- Kubernetes volumes (deploy/kubernetes/): what the kubelet really writes ----------------
+
+
+def cert_manager_secret() -> dict[str, bytes]:
+    return {"tls.crt": b"cert", "tls.key": b"key", "ca.crt": b"ca"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the kubelet's files are root's: needs root to lay them out")
+@pytest.mark.parametrize("fs_group", [None, NOBODY])
+def test_a_secret_volume_with_default_mode_0440_is_safe(home: Path, fs_group: int | None) -> None:
+    """deploy/kubernetes/: defaultMode 0440 and fsGroup, the kubelet adding group read
+    (and setgid on directories); the volume's root a root-owned tmpfs, 1777 (3777 with fsGroup)."""
+    volume = home / "certs"
+    timestamped = project(volume, cert_manager_secret(), mode=0o440, fs_group=fs_group)
+    volume.chmod(0o3777 if fs_group is not None else 0o1777)
+    if fs_group is not None:
+        os.chown(volume, 0, fs_group)
+        assert f"{timestamped.stat().st_mode & 0o7777:04o}" == "2755"
+    for name in ("tls.crt", "ca.crt"):
+        check_file(volume / name)
+    check_file(volume / "tls.key", secret=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the kubelet's files are root's: needs root to lay them out")
+def test_a_secret_volume_with_the_default_mode_0644_exposes_the_key(home: Path) -> None:
+    """Without defaultMode the kubelet writes 0644: every user of the container could read
+    the key, and the tunnel says so, naming the link and the file it leads to."""
+    volume = home / "certs"
+    timestamped = project(volume, cert_manager_secret(), fs_group=NOBODY)
+    volume.chmod(0o3777)
+    check_file(volume / "tls.crt")
+    with pytest.raises(UnsafeFile, match=f"that is {timestamped / 'tls.key'}\\) is readable by every user"):
+        check_file(volume / "tls.key", secret=True)

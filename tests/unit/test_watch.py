@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
+from tests.kubelet import project
 from tunnel.watch import snapshot, watch
 
 INTERVAL = 0.1
@@ -26,6 +27,21 @@ INTERVAL = 0.1
 
 def file_key(path: Path) -> str:
     return f"file:{path}"
+
+
+def test_snapshot_sees_a_kubelet_data_swap_with_the_same_content_size(tmp_path: Path) -> None:
+    """The kubelet swaps `..data`, never the user-visible symlinks: the change is in where
+    they lead, and a renewed certificate is often the very same size."""
+    volume = tmp_path / "certs"
+    project(volume, {"tls.crt": b"A" * 600, "ca.crt": b"C" * 500})
+    links = [volume / "tls.crt", volume / "ca.crt"]
+    first = snapshot(links)
+    link_before = os.lstat(volume / "tls.crt")
+
+    project(volume, {"tls.crt": b"B" * 600, "ca.crt": b"C" * 500})
+
+    assert os.lstat(volume / "tls.crt").st_ino == link_before.st_ino  # the link is untouched
+    assert snapshot(links)[file_key(volume / "tls.crt")] != first[file_key(volume / "tls.crt")]
 
 
 def test_snapshot_unchanged_when_nothing_changes(tmp_path: Path) -> None:
