@@ -132,6 +132,20 @@ class UnixSocket:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """`metrics:`: what /metrics counts besides the per-tunnel series.
+
+    With `per_identity`, connections opened, refused (when the peer's certificate was
+    read) and closed, and bytes relayed, are also counted per peer identity (its
+    Identity.describe(), as logged: `cn=app1`), in the tunnel_identity_* series; at most
+    `max_identities` distinct identities per tunnel get a series of their own, later ones
+    count under identity="other" (a bounded number of series, whoever connects)."""
+
+    per_identity: bool = False
+    max_identities: int = 100
+
+
+@dataclass(frozen=True)
 class TunnelConfig:
     name: str
     mode: Mode
@@ -145,6 +159,7 @@ class TunnelConfig:
     proxy_protocol: Literal["v2"] | None = None
     workers: int = 1  # processes for the whole daemon (the largest any file asks for)
     unix: UnixSocket = field(default_factory=UnixSocket)  # only used when listen is unix:
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def files(self) -> set[Path]:
         """Every file this tunnel was configured from: the YAML file and what it names."""
@@ -165,7 +180,9 @@ TOP_KEYS = {
     "proxy_protocol",
     "workers",
     "unix",
+    "metrics",
 }
+METRICS_KEYS = {"per_identity", "max_identities"}
 UNIX_KEYS = {"mode", "group", "allow_users", "allow_groups"}
 TLS_KEYS = {"cert", "key", "ca", "crl", "server_name", "min_version", "key_password_file", "renew"}
 RENEW_KEYS = {"url", "before"}
@@ -440,6 +457,7 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         if not listen.is_unix:
             raise r.error("unix", f"only for a unix: listen address (listen is {listen})")
         unix = _parse_unix(r, top["unix"])
+    metrics = _parse_metrics(r, top["metrics"]) if top.get("metrics") is not None else MetricsConfig()
     return TunnelConfig(
         name=name,
         mode=mode,
@@ -453,6 +471,17 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         proxy_protocol=proxy_protocol,
         workers=workers,
         unix=unix,
+        metrics=metrics,
+    )
+
+
+def _parse_metrics(r: _Reader, value: object) -> MetricsConfig:
+    """`metrics: {per_identity: BOOL, max_identities: N}` (N a whole number, at least 1)."""
+    metrics = r.mapping(value, "metrics", METRICS_KEYS)
+    defaults = MetricsConfig()
+    return MetricsConfig(
+        per_identity=_flag(r, metrics, "per_identity", "metrics", defaults.per_identity),
+        max_identities=_count(r, metrics, "max_identities", "metrics") or defaults.max_identities,
     )
 
 
