@@ -40,6 +40,7 @@ DEBIAN_PACKAGES: dict[str, str] = {
     "mysql": "mariadb-client",
     "stunnel4": "stunnel4",
     "stunnel": "stunnel4",
+    "promtool": "prometheus",
 }
 
 #: Directories searched in addition to $PATH (daemons live in /usr/sbin, which is
