@@ -133,6 +133,20 @@ class UnixSocket:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """`metrics:`: what /metrics counts besides the per-tunnel series.
+
+    With `per_identity`, connections opened, refused (when the peer's certificate was
+    read) and closed, and bytes relayed, are also counted per peer identity (its
+    Identity.describe(), as logged: `cn=app1`), in the tunnel_identity_* series; at most
+    `max_identities` distinct identities per tunnel get a series of their own, later ones
+    count under identity="other" (a bounded number of series, whoever connects)."""
+
+    per_identity: bool = False
+    max_identities: int = 100
+
+
+@dataclass(frozen=True)
 class TunnelConfig:
     name: str
     mode: Mode
@@ -148,6 +162,7 @@ class TunnelConfig:
     unix: UnixSocket = field(default_factory=UnixSocket)  # only used when listen is unix:
     protocol: WireProtocol = "tcp"  # postgres: PostgreSQL's SSLRequest before TLS (tunnel/postgres.py)
     sni: tuple[str, ...] = ()  # server names this tunnel answers on a shared listen address
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def files(self) -> set[Path]:
         """Every file this tunnel was configured from: the YAML file and what it names."""
@@ -170,8 +185,10 @@ TOP_KEYS = {
     "unix",
     "protocol",
     "sni",
+    "metrics",
 }
 PROTOCOLS = ("tcp", "postgres")
+METRICS_KEYS = {"per_identity", "max_identities"}
 UNIX_KEYS = {"mode", "group", "allow_users", "allow_groups"}
 TLS_KEYS = {"cert", "key", "ca", "crl", "server_name", "min_version", "key_password_file", "renew"}
 RENEW_KEYS = {"url", "before"}
@@ -457,6 +474,7 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         if mode != "server":
             raise r.error("sni", "only for server mode (a client tunnel sends tls.server_name)")
         sni = _parse_sni(r, top["sni"])
+    metrics = _parse_metrics(r, top["metrics"]) if top.get("metrics") is not None else MetricsConfig()
     return TunnelConfig(
         name=name,
         mode=mode,
@@ -472,6 +490,17 @@ def parse_document(document: object, path: Path) -> TunnelConfig:
         unix=unix,
         protocol=protocol,
         sni=sni,
+        metrics=metrics,
+    )
+
+
+def _parse_metrics(r: _Reader, value: object) -> MetricsConfig:
+    """`metrics: {per_identity: BOOL, max_identities: N}` (N a whole number, at least 1)."""
+    metrics = r.mapping(value, "metrics", METRICS_KEYS)
+    defaults = MetricsConfig()
+    return MetricsConfig(
+        per_identity=_flag(r, metrics, "per_identity", "metrics", defaults.per_identity),
+        max_identities=_count(r, metrics, "max_identities", "metrics") or defaults.max_identities,
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import trio
 
+from tunnel.config import MetricsConfig
 from tunnel.identity import Identity
 from tunnel.limits import Ticket
 from tunnel.logs import event
@@ -38,17 +39,31 @@ class Connection:
     closed_logged: bool = False  # its end is logged and counted (closed, or target unavailable)
     ticket: Ticket | None = None  # its slots (tunnel/limits.py)
     handed_over: bool = False  # routed to another tunnel on its listen address (by SNI)
+    metrics_identity: str | None = None  # its identity label once opened (metrics.per_identity), or None
 
 
 class Story:
     """The log lines and counters of one tunnel's connections."""
 
-    def __init__(self, tunnel: str, metrics: Metrics) -> None:
+    def __init__(self, tunnel: str, metrics: Metrics, settings: MetricsConfig | None = None) -> None:
+        """`settings`: the tunnel's `metrics:` keys (replaced on reload), which say whether
+        connections are counted per identity too (tunnel/metrics.py)."""
         self.tunnel = tunnel
         self.metrics = metrics
+        self.settings = settings or MetricsConfig()
+
+    def _identity_label(self, identity: Identity | None) -> str | None:
+        """The `identity` label to count `identity` under, or None: not counted per identity
+        (metrics.per_identity off, or no identity known)."""
+        if identity is None or not self.settings.per_identity:
+            return None
+        return self.metrics.identity_label(self.tunnel, identity.describe(), self.settings.max_identities)
 
     def opened(self, conn: Connection, tls: str, **where: str) -> None:
         self.metrics.opened(self.tunnel)
+        conn.metrics_identity = self._identity_label(conn.identity)
+        if conn.metrics_identity is not None:
+            self.metrics.identity_opened(self.tunnel, conn.metrics_identity)
         identity = conn.identity.describe() if conn.identity else "-"
         place = " ".join(f"{key}={value}" for key, value in where.items())
         event(
@@ -69,6 +84,9 @@ class Story:
 
     def refused(self, conn: Connection, reason: Outcome, identity: Identity | None = None, **where: str) -> None:
         self.metrics.refused(self.tunnel, reason)
+        label = self._identity_label(identity)
+        if label is not None:
+            self.metrics.identity_refused(self.tunnel, label, reason)
         who = f" identity={identity.describe()}" if identity else ""
         place = "".join(f" {key}={value}" for key, value in where.items())
         event(
@@ -86,6 +104,11 @@ class Story:
             reason=reason.text,
             **where,
         )
+
+    def _identity_closed(self, conn: Connection, end: Outcome) -> None:
+        label = conn.metrics_identity or self._identity_label(conn.identity)
+        if label is not None:
+            self.metrics.identity_closed(self.tunnel, label, end)
 
     def closing(self, conn: Connection, why: Outcome) -> None:
         """A reload no longer admits an open connection's peer: say so before it is cut."""
@@ -108,6 +131,7 @@ class Story:
         conn.closed_logged = True
         conn.stats.end = target_unavailable(why)
         self.metrics.closed(self.tunnel, conn.stats.end)
+        self._identity_closed(conn, conn.stats.end)
         event(
             logging.ERROR,
             "target_unavailable",
@@ -127,6 +151,7 @@ class Story:
         end = stats.end
         assert end is not None
         self.metrics.closed(self.tunnel, end)
+        self._identity_closed(conn, end)
         identity = conn.identity.describe() if conn.identity else "-"
         duration = trio.current_time() - conn.since
         event(

@@ -5,6 +5,16 @@ The tunnels call a `Metrics` object passed to them; `NoMetrics` does nothing (te
 daemon without a status address). Bytes, active connections and certificate times are not
 pushed at all: the collector reads them from the live tunnels when /metrics is scraped, so
 the byte pump pays nothing for them.
+
+Per identity (a tunnel file's `metrics: {per_identity: true}`): the tunnel_identity_*
+series count the same events as tunnel_connections_{opened,refused,closed} and
+tunnel_bytes, with an `identity` label (Identity.describe(), as the log lines show it:
+`cn=app1`). They are series of their own, so that the per-tunnel ones keep their names
+and labels whether it is on or not. At most `metrics.max_identities` distinct identities
+per tunnel name get a label of their own, in the order they are first seen; the rest
+count under identity="other" (OTHER), so a crowd of certificates cannot grow /metrics
+without bound. A refusal is counted per identity only when the peer's certificate was
+read (a failed handshake has no identity).
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from prometheus_client.registry import Collector
 from tunnel.outcomes import Outcome
 
 _M = TypeVar("_M", Counter, Histogram)
+
+OTHER = "other"  # the identity label of those past metrics.max_identities
 
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -41,6 +53,9 @@ class Observed(Protocol):
     def expiries(self) -> list[tuple[Path, datetime]]: ...
     @property
     def crl_next_update(self) -> datetime | None: ...
+    @property
+    def max_connections(self) -> int: ...
+    def identity_bytes_open(self) -> Iterable[tuple[str, int, int]]: ...
 
 
 class Metrics(Protocol):
@@ -51,6 +66,11 @@ class Metrics(Protocol):
     def handshake_seconds(self, tunnel: str, seconds: float) -> None: ...
     def connect_seconds(self, tunnel: str, seconds: float) -> None: ...
     def reloaded(self, ok: bool, when: float) -> None: ...
+    def identity_label(self, tunnel: str, identity: str, limit: int) -> str: ...
+    def identity_opened(self, tunnel: str, identity: str) -> None: ...
+    def identity_refused(self, tunnel: str, identity: str, reason: Outcome) -> None: ...
+    def identity_closed(self, tunnel: str, identity: str, end: Outcome) -> None: ...
+    def identity_bytes(self, tunnel: str, identity: str, bytes_in: int, bytes_out: int) -> None: ...
 
 
 class NoMetrics:
@@ -75,6 +95,21 @@ class NoMetrics:
         pass
 
     def reloaded(self, ok: bool, when: float) -> None:
+        pass
+
+    def identity_label(self, tunnel: str, identity: str, limit: int) -> str:
+        return identity
+
+    def identity_opened(self, tunnel: str, identity: str) -> None:
+        pass
+
+    def identity_refused(self, tunnel: str, identity: str, reason: Outcome) -> None:
+        pass
+
+    def identity_closed(self, tunnel: str, identity: str, end: Outcome) -> None:
+        pass
+
+    def identity_bytes(self, tunnel: str, identity: str, bytes_in: int, bytes_out: int) -> None:
         pass
 
 
@@ -124,6 +159,26 @@ class PrometheusMetrics:
             ["tunnel", "result"],
             registry=r,
         )
+        self._identity_opened = Counter(
+            "tunnel_identity_connections_opened",
+            "Connections relayed, by peer identity (metrics.per_identity).",
+            ["tunnel", "identity"],
+            registry=r,
+        )
+        self._identity_refused = Counter(
+            "tunnel_identity_connections_refused",
+            "Connections refused after the peer's certificate was read, by peer identity and reason"
+            " (metrics.per_identity).",
+            ["tunnel", "identity", "reason"],
+            registry=r,
+        )
+        self._identity_closed = Counter(
+            "tunnel_identity_connections_closed",
+            "Connections ended, by peer identity and why (metrics.per_identity).",
+            ["tunnel", "identity", "reason"],
+            registry=r,
+        )
+        self._identities: dict[str, dict[str, None]] = {}  # tunnel name → identities with a label of their own
         self._children: dict[tuple[object, ...], object] = {}
         self._live = _LiveCollector(tunnels)
         r.register(self._live)
@@ -146,9 +201,37 @@ class PrometheusMetrics:
     def connect_seconds(self, tunnel: str, seconds: float) -> None:
         self._child(self._connect, tunnel).observe(seconds)
 
+    def identity_label(self, tunnel: str, identity: str, limit: int) -> str:
+        """The `identity` label value for `identity` (Identity.describe()) on `tunnel`: the
+        identity itself if it already has one, or if fewer than `limit` identities of the
+        tunnel do (it takes one now); OTHER otherwise. Labels once given are kept for the
+        life of the daemon (a counter's series never goes away), whatever a reload does."""
+        named = self._identities.setdefault(tunnel, {})
+        if identity in named:
+            return identity
+        if len(named) < limit:
+            named[identity] = None
+            return identity
+        return OTHER
+
+    def identity_opened(self, tunnel: str, identity: str) -> None:
+        self._child(self._identity_opened, tunnel, identity).inc()
+
+    def identity_refused(self, tunnel: str, identity: str, reason: Outcome) -> None:
+        self._child(self._identity_refused, tunnel, identity, reason.label).inc()
+
+    def identity_closed(self, tunnel: str, identity: str, end: Outcome) -> None:
+        self._child(self._identity_closed, tunnel, identity, end.label).inc()
+
+    def identity_bytes(self, tunnel: str, identity: str, bytes_in: int, bytes_out: int) -> None:
+        """A connection labelled `identity` has ended having relayed these bytes (its bytes
+        while open are read off the tunnel at scrape time)."""
+        self._live.identity_ended(tunnel, identity, bytes_in, bytes_out)
+
     def _child(self, metric: _M, *labels: str) -> _M:
         """metric.labels(*labels), remembered: `labels` costs a few dozen calls, and every
-        connection counts four times. The label values are bounded (tunnel names, reasons)."""
+        connection counts four times. The label values are bounded (tunnel names, reasons,
+        at most metrics.max_identities identities and OTHER per tunnel)."""
         key = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:
@@ -185,6 +268,11 @@ class _LiveCollector(Collector):
     def __init__(self, tunnels: Callable[[], Sequence[Observed]]) -> None:
         self._tunnels = tunnels
         self._forgotten: dict[str, tuple[int, int]] = {}  # tunnel name → bytes in, out of dropped objects
+        self._identity_ended: dict[tuple[str, str], tuple[int, int]] = {}  # (tunnel, identity) → bytes in, out
+
+    def identity_ended(self, tunnel: str, identity: str, bytes_in: int, bytes_out: int) -> None:
+        before_in, before_out = self._identity_ended.get((tunnel, identity), (0, 0))
+        self._identity_ended[(tunnel, identity)] = (before_in + bytes_in, before_out + bytes_out)
 
     def forget(self, tunnel: Observed) -> None:
         bytes_in, bytes_out = tunnel.bytes_moved()
@@ -214,6 +302,17 @@ class _LiveCollector(Collector):
         crl = GaugeMetricFamily(
             "tunnel_crl_next_update_timestamp_seconds", "When the tunnel's CRL must be replaced.", labels=["tunnel"]
         )
+        cap = GaugeMetricFamily(
+            "tunnel_max_connections",
+            "limits.max_connections: connections the tunnel holds at most (compare tunnel_active_connections).",
+            labels=["tunnel"],
+        )
+        identity_moved = CounterMetricFamily(
+            "tunnel_identity_bytes",
+            "Bytes relayed, by peer identity (metrics.per_identity): in = towards the target, out = back.",
+            labels=["tunnel", "identity", "direction"],
+        )
+        identity_bytes = dict(self._identity_ended)
         by_name: dict[str, list[Observed]] = {}
         for tunnel in tunnels:
             by_name.setdefault(tunnel.name, []).append(tunnel)
@@ -232,7 +331,15 @@ class _LiveCollector(Collector):
                 not_after.add_metric([name, str(path)], when.timestamp())
             if first.crl_next_update is not None:
                 crl.add_metric([name], first.crl_next_update.timestamp())
-        yield from (active, handshaking, listening, moved, not_after, crl)
+            cap.add_metric([name], first.max_connections)
+            for tunnel in group:
+                for identity, more_in, more_out in tunnel.identity_bytes_open():
+                    so_far_in, so_far_out = identity_bytes.get((name, identity), (0, 0))
+                    identity_bytes[(name, identity)] = (so_far_in + more_in, so_far_out + more_out)
+        for (name, identity), (bytes_in, bytes_out) in identity_bytes.items():
+            identity_moved.add_metric([name, identity, "in"], bytes_in)
+            identity_moved.add_metric([name, identity, "out"], bytes_out)
+        yield from (active, handshaking, listening, moved, not_after, crl, cap, identity_moved)
 
 
 def merge_texts(texts: Sequence[str]) -> bytes:

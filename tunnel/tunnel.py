@@ -60,7 +60,7 @@ class Tunnel:
         self._closed_bytes = [0, 0]  # in, out: of connections that have ended
         self.listening = False
         self.gate = Gate(state.config.limits)  # who may take a slot (tunnel/limits.py)
-        self.story = Story(self.name, self.metrics)
+        self.story = Story(self.name, self.metrics, state.config.metrics)
         self.endings = Endings()
         self._shed_log = ShedLog(self.name)
         self.accept_failing: str | None = None  # why accept(2) keeps failing (EMFILE...), until it works again
@@ -93,6 +93,20 @@ class Tunnel:
     @property
     def crl_next_update(self) -> datetime | None:
         return self.state.trust.crl_next_update
+
+    @property
+    def max_connections(self) -> int:
+        """limits.max_connections now."""
+        return self.state.config.limits.max_connections
+
+    def identity_bytes_open(self) -> list[tuple[str, int, int]]:
+        """(identity label, bytes in, bytes out) of each open connection counted per
+        identity (metrics.per_identity; see Story.opened)."""
+        return [
+            (conn.metrics_identity, conn.stats.bytes_in, conn.stats.bytes_out)
+            for conn in self.connections.values()
+            if conn.metrics_identity is not None
+        ]
 
     def bind(self) -> None:
         """Bind the listen address now (OSError naming the tunnel if it cannot)."""
@@ -161,6 +175,7 @@ class Tunnel:
         """Use `state` for every new connection from now on (one assignment)."""
         self.state = state
         self.gate.set_limits(state.config.limits)
+        self.story.settings = state.config.metrics
 
     def close_listener(self) -> None:
         """Give up a listener bound by `bind` that `serve` never ran on."""
@@ -361,6 +376,8 @@ class Tunnel:
             self.connections.pop(conn.id, None)
             self._closed_bytes[0] += conn.stats.bytes_in
             self._closed_bytes[1] += conn.stats.bytes_out
+            if conn.metrics_identity is not None:
+                self.metrics.identity_bytes(self.name, conn.metrics_identity, conn.stats.bytes_in, conn.stats.bytes_out)
             self.gate.release(ticket)
             if not conn.handed_over:
                 sock.close()

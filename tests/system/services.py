@@ -47,6 +47,7 @@ DEBIAN_PACKAGES: dict[str, str] = {
     "postgres": "postgresql",
     "psql": "postgresql-client",
     "pgbench": "postgresql-client",
+    "promtool": "prometheus",
 }
 
 #: Directories searched in addition to $PATH (daemons live in /usr/sbin, which is

@@ -17,12 +17,14 @@ from hypothesis import strategies as st
 from tunnel.config import (
     ALLOW_KEYS,
     LIMIT_KEYS,
+    METRICS_KEYS,
     TLS_KEYS,
     TOP_KEYS,
     UNIX_KEYS,
     Address,
     ConfigError,
     Limits,
+    MetricsConfig,
     TLSConfig,
     TunnelConfig,
     UnixSocket,
@@ -731,6 +733,15 @@ BAD: list[tuple[str, object, str, str]] = [
     ("unix-allow-users-huge", {**U, "unix": {"allow_users": ["9" * 40]}}, "unix.allow_users[0]", "not a valid user"),
     ("unix-allow-groups-unknown", {**U, "unix": {"allow_groups": ["nope-x"]}}, "unix.allow_groups[0]", "no such"),
     ("unix-allow-groups-bool", {**U, "unix": {"allow_groups": [True]}}, "unix.allow_groups[0]", "got a boolean"),
+    # metrics
+    ("metrics-list", {**S, "metrics": [True]}, "metrics", "expected a mapping, got a list"),
+    ("metrics-unknown-key", {**S, "metrics": {"per_tunnel": True}}, "metrics.per_tunnel", "unknown key"),
+    ("metrics-per-identity-string", {**S, "metrics": {"per_identity": "yes"}}, "metrics.per_identity", "true or false"),
+    ("metrics-max-identities-zero", {**S, "metrics": {"max_identities": 0}}, "metrics.max_identities", "at least 1"),
+    ("metrics-max-identities-negative", {**C, "metrics": {"max_identities": -5}}, "metrics.max_identities", "least 1"),
+    ("metrics-max-identities-float", {**S, "metrics": {"max_identities": 2.5}}, "metrics.max_identities", "whole"),
+    ("metrics-max-identities-bool", {**S, "metrics": {"max_identities": True}}, "metrics.max_identities", "whole"),
+    ("metrics-max-identities-text", {**S, "metrics": {"max_identities": "100"}}, "metrics.max_identities", "whole"),
 ]
 
 
@@ -751,6 +762,18 @@ def test_bad_documents_raise_config_error(tmp_path: Path, document: object, key:
     assert message in err.message
     assert str(err) == (f"{path}: {key}: {err.message}" if key else f"{path}: {err.message}")
     assert len(str(err)) < 1000  # huge values are abbreviated, not pasted into the message
+
+
+def test_metrics_defaults_to_no_identity_series_and_reads_both_keys(tmp_path: Path) -> None:
+    make_pki_files(tmp_path)
+    default = MetricsConfig(per_identity=False, max_identities=100)
+    assert load_file(write_yaml(tmp_path / "a.yaml", S)).metrics == default
+    assert load_file(write_yaml(tmp_path / "b.yaml", {**S, "metrics": None})).metrics == MetricsConfig()
+    loaded = load_file(write_yaml(tmp_path / "c.yaml", {**C, "metrics": {"per_identity": True, "max_identities": 5}}))
+    assert loaded.metrics == MetricsConfig(per_identity=True, max_identities=5)
+    assert load_file(write_yaml(tmp_path / "d.yaml", {**S, "metrics": {"per_identity": True}})).metrics == (
+        MetricsConfig(per_identity=True, max_identities=100)
+    )
 
 
 def test_error_table_bases_are_valid(tmp_path: Path) -> None:
@@ -918,7 +941,7 @@ def test_find_files_takes_a_named_file_whatever_its_suffix(tmp_path: Path) -> No
 
 # --------------------------------------------------------------------------- properties
 
-KNOWN_KEYS = sorted(TOP_KEYS | TLS_KEYS | ALLOW_KEYS | LIMIT_KEYS | UNIX_KEYS)
+KNOWN_KEYS = sorted(TOP_KEYS | TLS_KEYS | ALLOW_KEYS | LIMIT_KEYS | UNIX_KEYS | METRICS_KEYS)
 
 SCALARS = st.one_of(
     st.none(),
@@ -960,6 +983,7 @@ FULL_SERVER = server_doc(
         "per_source": {"handshakes": 1, "connections": 2},
         "per_identity_connections": 2,
     },
+    metrics={"per_identity": True, "max_identities": 7},
 )
 FULL_CLIENT = client_doc(tls={"cert": "cert.pem", "key": "key.pem", "ca": "ca.pem", "server_name": "db"})
 FULL_UNIX = client_doc(
@@ -1015,6 +1039,7 @@ SECTIONS = {
     "allow": sorted(ALLOW_KEYS),
     "limits": sorted(LIMIT_KEYS),
     "unix": sorted(UNIX_KEYS),
+    "metrics": sorted(METRICS_KEYS),
 }
 
 
@@ -1059,6 +1084,8 @@ def _check_outcome(outcome: Callable[[], TunnelConfig], path: Path) -> None:
     assert 1 <= limits.per_identity_connections <= limits.max_connections
     assert 0 <= config.unix.mode <= 0o777
     assert config.listen.is_unix or config.unix == UnixSocket()
+    assert isinstance(config.metrics.per_identity, bool)
+    assert config.metrics.max_identities >= 1
 
 
 FUZZ = settings(
