@@ -139,7 +139,8 @@ class Supervisor(ControlLoop):
             for index in range(self.count):
                 self._sockets[index] = {}
                 for config in self.configs:
-                    self._sockets[index][config.listen] = bind_listener(config.listen, reuse_port=True)
+                    if config.listen not in self._sockets[index]:  # tunnels sharing it (sni): one socket
+                        self._sockets[index][config.listen] = bind_listener(config.listen, reuse_port=True)
         except OSError as exc:
             self._close_sockets(lambda address: True)
             raise OSError(exc.errno, f"cannot listen for the workers: {exc.strerror or exc}") from exc

@@ -322,3 +322,31 @@ def test_a_port_the_workers_leave_on_reload_is_not_kept_open_by_the_supervisor(
     with tls_client(pki_files, new_port, "app1") as client:
         assert echo_once(client, b"moved") == b"moved"
     assert daemon.stop() == 0
+
+
+def test_workers_serve_an_address_two_tunnels_share_by_sni(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    """Every worker gets one socket for the shared address (the supervisor binds per
+    address, not per tunnel), and every connect is served, whichever worker takes it."""
+    port = free_port()
+    paths = []
+    for name in ("a", "b"):
+        doc = server_doc(
+            pki_files,
+            target.address,
+            listen=f"127.0.0.1:{port}",
+            name=name,
+            sni=[f"{name}.internal", "localhost"] if name == "a" else [f"{name}.internal"],
+        )
+        paths.append(str(write_yaml(tmp_path / f"{name}.yaml", doc)))
+    daemon = DaemonProcess(tmp_path, "--workers", "2", *paths)
+    daemons.append(daemon)
+    daemon.wait_for("ready workers=2", timeout=20)
+    for _ in range(30):  # "localhost" (tls_client's server name) is tunnel a's
+        conn = tls_client(pki_files, port, "app1", timeout=3)
+        try:
+            assert echo_once(conn, b"sni") == b"sni"
+        finally:
+            conn.close()
+    assert daemon.stop() == 0
