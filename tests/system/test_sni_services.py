@@ -6,6 +6,7 @@ by a reload while the others keep their open connections."""
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import ssl
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests import helpers
 from tests.helpers import PKI
@@ -23,6 +25,7 @@ from tests.system.services import LOCALHOST, Postgres, Redis, conninfo, free_por
 from tests.system.tunnel_process import TEST_LIMITS, tunnel_command
 from tunnel import pki
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 NAMES = {"redis": "redis.internal", "pg": "pg.internal", "echo": "echo.internal"}
 
 
@@ -31,6 +34,21 @@ def _server_cert(p: PKI, name: str) -> tuple[str, str]:
     if not p.crt(stem).exists():
         pki.issue(p.dir, stem, kind="server", dns=[name])
     return str(p.crt(stem)), str(p.key(stem))
+
+
+def readme_doc(p: PKI, name: str, port: int, target: str) -> dict[str, Any]:
+    """The README's tunnel file for `name` (section "Several services on one port"),
+    with the test's port, target and certificates: its name, sni, protocol and allow as
+    written there."""
+    section = README.read_text().split("\n## Several services on one port (SNI)\n", 1)[1].split("\n## ", 1)[0]
+    for body in re.findall(r"(?s)```yaml\n(.*?)```", section):
+        doc = yaml.safe_load(body)
+        if doc["name"] == name:
+            ours = _doc(p, name, port, target)
+            doc.update(listen=ours["listen"], target=target, tls=ours["tls"], limits=ours["limits"])
+            assert isinstance(doc, dict)
+            return doc
+    raise AssertionError(f"no tunnel file named {name} in the README's SNI section")
 
 
 def _doc(p: PKI, name: str, port: int, target: str, **extra: Any) -> dict[str, Any]:
@@ -106,8 +124,8 @@ def test_three_tunnels_on_one_port_reached_by_name_and_one_removed_by_reload(
     conf.mkdir()
     with echo_target() as echo_port:
         docs = {
-            "redis": _doc(pki_files, "redis", port, f"{LOCALHOST}:{redis_server.port}"),
-            "pg": _doc(pki_files, "pg", port, f"{LOCALHOST}:{postgres_server.port}", protocol="postgres"),
+            "redis": readme_doc(pki_files, "redis", port, f"{LOCALHOST}:{redis_server.port}"),
+            "pg": readme_doc(pki_files, "pg", port, f"{LOCALHOST}:{postgres_server.port}"),
             "echo": _doc(pki_files, "echo", port, f"{LOCALHOST}:{echo_port}"),
         }
         for name, doc in docs.items():
