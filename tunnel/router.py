@@ -11,24 +11,39 @@ handshake_timeout (tunnel/tunnel.py), then hands the socket on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import socket
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+
+import trio
 
 from tunnel import client_hello
+from tunnel.client_hello import unrecognized_name_alert
 from tunnel.config import TunnelConfig, sni_matches
-from tunnel.outcomes import Outcome, refusal
+from tunnel.connection import Connection
+from tunnel.outcomes import HANDSHAKE_TIMEOUT, Outcome, during_handshake, refusal
+from tunnel.pipeline import Host, refuse
 from tunnel.postgres import negotiate_as_server
-from tunnel.streams import PlainStream
+from tunnel.server_side import Preread, refuse_in_plaintext
+from tunnel.state import TunnelState
+from tunnel.streams import PlainStream, StreamBroken
 
 READ_SIZE = 4096
 
 
 class Routed(Protocol):
-    """A tunnel as the router sees it: its configuration now."""
+    """A tunnel as the router sees it: its configuration now, and a way in."""
+
+    name: str
 
     @property
     def config(self) -> TunnelConfig: ...
+
+    async def take(self, sock: socket.socket, address: Any, preread: Preread) -> bool:
+        """Serve a socket routed here (False: it takes none now; the caller keeps it)."""
+        ...
 
 
 T = TypeVar("T", bound=Routed)
@@ -101,3 +116,46 @@ UNKNOWN_SERVER_NAME = "unknown server name"
 def unknown_name(server_name: str | None, where: str) -> Outcome:
     named = f"SNI {server_name!r}" if server_name is not None else "no SNI"
     return refusal(UNKNOWN_SERVER_NAME, f"({named} on {where})")
+
+
+async def route(
+    host: Host, sock: socket.socket, conn: Connection, state: TunnelState, members: Sequence[Routed], where: str
+) -> Preread | None:
+    """A connection `host` accepted on the shared address `where`: read its opening under
+    `state`'s handshake_timeout and pick the tunnel among `members` that its SNI names.
+    Returns the opening as a Preread when that is `host` itself; None when it was refused
+    (logged; an unknown name gets the unrecognized_name alert) or handed to another
+    tunnel (then conn.handed_over, and the socket is that tunnel's)."""
+    plain = PlainStream(sock)
+    postgres_here = any(member.config.protocol == "postgres" for member in members)
+    with trio.move_on_after(state.config.limits.handshake_timeout) as waited:
+        try:
+            opening = await read_opening(plain, postgres_here=postgres_here)
+        except StreamBroken as exc:
+            refuse(host, conn, plain, during_handshake(exc))
+            return None
+    if waited.cancelled_caught:
+        refuse(host, conn, plain, HANDSHAKE_TIMEOUT)
+        return None
+    if opening.refused is not None:
+        await refuse_in_plaintext(host, conn, plain, opening.refused, opening.reply)
+        return None
+    assert opening.hello is not None
+    server_name = opening.hello.server_name
+    chosen = pick(server_name, members)
+    why = unknown_name(server_name, where) if chosen is None else mismatch(opening, chosen.config)
+    if why is not None:
+        host.story.refused(conn, why)
+        with contextlib.suppress(StreamBroken), trio.move_on_after(1):
+            await plain.send_all(unrecognized_name_alert())
+        plain.close()
+        return None
+    assert chosen is not None
+    preread = Preread(opening.data, direct=not opening.ssl_request)
+    if chosen is host:  # type: ignore[comparison-overlap]  # the same tunnel, seen through two protocols
+        return preread
+    with trio.move_on_after(state.config.limits.handshake_timeout):
+        conn.handed_over = await chosen.take(sock, conn.address, preread)
+    if not conn.handed_over:
+        refuse(host, conn, plain, refusal("no room", f"(tunnel {chosen.name} is at its limits or stopping)"))
+    return None

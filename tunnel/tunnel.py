@@ -1,6 +1,7 @@
 """One tunnel: its listener's life (bind, accept under the connection caps of
 tunnel/limits.py, drain, stop), the registry of its open connections and their byte
 totals, and re-judging them on reload. Each accepted connection lives in
+(on an address tunnels share by SNI, after router.route picked its tunnel)
 server_side.serve_tls_client or client_side.serve_plain_client; the listening socket
 comes from tunnel/listener.py."""
 
@@ -16,7 +17,6 @@ from typing import Any
 
 import trio
 
-from tunnel.client_hello import unrecognized_name_alert
 from tunnel.client_side import serve_plain_client
 from tunnel.config import TunnelConfig, UnixSocket, format_sockaddr
 from tunnel.connection import Connection, Story
@@ -28,16 +28,13 @@ from tunnel.outcomes import (
     CERTIFICATE_EXPIRED,
     CERTIFICATE_EXPIRED_END,
     CLOSED_BY_THE_DAEMON,
-    HANDSHAKE_TIMEOUT,
     closed_on_reload,
-    during_handshake,
-    refusal,
 )
 from tunnel.pipeline import Endings, refuse
-from tunnel.router import mismatch, pick, read_opening, unknown_name
-from tunnel.server_side import Preread, refuse_in_plaintext, serve_tls_client
+from tunnel.router import route
+from tunnel.server_side import Preread, serve_tls_client
 from tunnel.state import TunnelState
-from tunnel.streams import PlainStream, StreamBroken
+from tunnel.streams import PlainStream
 from tunnel.unix_peers import peer_credentials, unix_peer_refusal
 
 log = logging.getLogger("tunnel")
@@ -291,43 +288,9 @@ class Tunnel:
         return True
 
     async def _route(self, sock: socket.socket, conn: Connection, state: TunnelState) -> Preread | None:
-        """A shared address (`sni`): read the client's opening and pick the tunnel it
-        names. Returns the opening as a Preread when that is this tunnel; None when it was
-        refused (logged) or handed to another tunnel (conn.handed_over)."""
-        plain = PlainStream(sock)
+        """A shared address (`sni`): see router.route."""
         members: list[Tunnel] = self._listeners.members(self._bound) or [self]
-        postgres_here = any(member.config.protocol == "postgres" for member in members)
-        with trio.move_on_after(state.config.limits.handshake_timeout) as waited:
-            try:
-                opening = await read_opening(plain, postgres_here=postgres_here)
-            except StreamBroken as exc:
-                refuse(self, conn, plain, during_handshake(exc))
-                return None
-        if waited.cancelled_caught:
-            refuse(self, conn, plain, HANDSHAKE_TIMEOUT)
-            return None
-        if opening.refused is not None:
-            await refuse_in_plaintext(self, conn, plain, opening.refused, opening.reply)
-            return None
-        assert opening.hello is not None
-        server_name = opening.hello.server_name
-        chosen = pick(server_name, members)
-        why = unknown_name(server_name, str(self._bound)) if chosen is None else mismatch(opening, chosen.config)
-        if why is not None:
-            self.story.refused(conn, why)
-            with contextlib.suppress(StreamBroken), trio.move_on_after(1):
-                await plain.send_all(unrecognized_name_alert())
-            plain.close()
-            return None
-        assert chosen is not None
-        preread = Preread(opening.data, direct=not opening.ssl_request)
-        if chosen is self:
-            return preread
-        with trio.move_on_after(state.config.limits.handshake_timeout):
-            conn.handed_over = await chosen.take(sock, conn.address, preread)
-        if not conn.handed_over:
-            refuse(self, conn, plain, refusal("no room", f"(tunnel {chosen.name} is at its limits or stopping)"))
-        return None
+        return await route(self, sock, conn, state, members, str(self._bound))
 
     async def _handle(self, sock: socket.socket, address: Any, ticket: Ticket, preread: Preread | None = None) -> None:
         peer = format_sockaddr(address)
