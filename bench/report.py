@@ -77,7 +77,7 @@ def main_rows(settings: dict[str, Any]) -> list[Row]:
         Row("mem_per_conn_kib", "Memory per idle authenticated connection", "KiB", False, 0.5, short="memory/conn"),
         Row("redis_set", "redis-benchmark SET through a pair", "req/s", True, 1.0, short="redis SET"),
         Row("redis_get", "redis-benchmark GET through a pair", "req/s", True, 1.0, short="redis GET"),
-        Row("pgbench_tps", "pgbench -S through a pair (protocol postgres)", "tps", True, 1.0, short="pgbench -S"),
+        Row("pgbench_tps", "pgbench -S through a pair (protocol postgres)", "tps", True, short="pgbench -S"),
     ]
 
 
