@@ -8,12 +8,16 @@
 #      example tunnel files; docs/deploy.md quotes docs/container/redis.yaml as it is
 #      (scripts/check-image.sh runs that file in the image);
 #   3. systemd/tunnel@.service: `systemd-analyze verify` (no output allowed) and
-#      `systemd-analyze security` (overall exposure at most $MAX_EXPOSURE);
+#      `systemd-analyze security` (overall exposure at most $MAX_EXPOSURE); systemd/tunnel@.socket:
+#      refused as shipped (it names no address), verified with the drop-in docs/deploy.md
+#      has operators write;
 #   4. the daemon under the unit's sandbox, rebuilt by hand: as `nobody`, with the unit's
 #      SystemCallFilter=, RestrictAddressFamilies= and MemoryDenyWriteExecute= as seccomp
 #      filters: a TLS round trip, the notify protocol, `tunnel status --health`, SIGHUP,
-#      SIGTERM; once as one process and once with --workers 2; then a unix: listen socket
-#      (its mode and group, SO_PEERCRED refusing root, a reload changing its mode);
+#      SIGTERM; once as one process, once with --workers 2, and once with the listening
+#      socket passed as systemd passes a socket unit's (LISTEN_FDS; after SIGTERM a connect
+#      is queued, not refused); then a unix: listen socket (its mode and group, SO_PEERCRED
+#      refusing root, a reload changing its mode);
 #   5. hadolint on the Dockerfile (any finding fails);
 #   6. compose.yaml: YAML, the Compose Specification schema, databases unpublished, mounts;
 #   7. deploy/kubernetes/: every manifest against Kubernetes $KUBERNETES_VERSION's schemas
@@ -35,6 +39,7 @@ KUBERNETES_VALIDATE_VERSION=1.37.0
 # with restartPolicy: Always) are on by default since 1.29, GA in 1.33.
 KUBERNETES_VERSION=1.33.0
 UNIT=systemd/tunnel@.service
+SOCKET_UNIT=systemd/tunnel@.socket
 # The paths the unit and docs/deploy.md install to.
 UNIT_EXEC=/usr/local/bin/tunnel
 PY=/usr/bin/python3 # Debian's Python, as on a Debian 12 server
@@ -213,6 +218,22 @@ if ! out=$(systemd-analyze verify "$work/units/tunnel@example.service" 2>&1) || 
     fail "systemd-analyze verify $UNIT"
 fi
 ok "systemd-analyze verify: no findings"
+grep -qx 'FileDescriptorName=%i' "$SOCKET_UNIT" || fail "$SOCKET_UNIT: expected FileDescriptorName=%i"
+cp "$SOCKET_UNIT" "$work/units/tunnel@example.socket"
+# As shipped it names no address (the operator's drop-in does): systemd must refuse it so.
+if out=$(systemd-analyze verify "$work/units/tunnel@example.socket" 2>&1) || [[ $out != *"has no Listen setting"* ]]; then
+    printf '%s\n' "$out" >&2
+    fail "systemd-analyze verify $SOCKET_UNIT without a ListenStream= drop-in: expected 'has no Listen setting'"
+fi
+# With the drop-in `systemctl edit tunnel@NAME.socket` writes (docs/deploy.md), beside the service.
+mkdir "$work/units/tunnel@example.socket.d"
+printf '[Socket]\nListenStream=127.0.0.1:6380\n' >"$work/units/tunnel@example.socket.d/override.conf"
+if ! out=$(systemd-analyze verify "$work/units/tunnel@example.socket" "$work/units/tunnel@example.service" 2>&1) ||
+    [[ -n $out ]]; then
+    printf '%s\n' "$out" >&2
+    fail "systemd-analyze verify $SOCKET_UNIT (with a ListenStream= drop-in)"
+fi
+ok "systemd-analyze verify $SOCKET_UNIT: refused without an address; with the drop-in, no findings"
 cp "$UNIT" "$work/units/tunnel@security.service"
 report=$(systemd-analyze security --offline=true --no-pager "$work/units/tunnel@security.service" 2>&1) ||
     {
@@ -294,6 +315,14 @@ def confine_and_exec(unit, argv):
 
     settings = unit_settings(unit)
     groups = syscall_groups()
+    passed = os.environ.pop("SANDBOX_LISTEN_FD", None)
+    if passed is not None:
+        # systemd's part for tunnel@.socket: the socket on descriptor 3, named after the
+        # tunnel file, and LISTEN_PID the daemon's (this process's: exec keeps the pid).
+        os.dup2(int(passed), 3)
+        if int(passed) != 3:
+            os.close(int(passed))
+        os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="sandbox", LISTEN_PID=str(os.getpid()))
     allowed = set()
     for value in settings.get("SystemCallFilter", []):
         if value.startswith("~"):
@@ -399,8 +428,8 @@ def main(unit, tunnel, work, listen_port, has_status, has_notify, has_workers, h
     if not has_status:
         print("WARNING: this tunnel has no `tunnel status --health` / `run --status` yet: the image's HEALTHCHECK needs them")
 
-    def exercise(label, extra):
-        print(f"-- tunnel run {' '.join(extra)}".rstrip())
+    def exercise(label, extra, passed=None):
+        print(f"-- tunnel run {' '.join(extra)}".rstrip() + (" (its socket passed as tunnel@.socket would)" if passed else ""))
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify_path = work / f"notify-{label}.sock"
         notify.bind(str(notify_path))
@@ -416,7 +445,15 @@ def main(unit, tunnel, work, listen_port, has_status, has_notify, has_workers, h
         env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "NOTIFY_SOCKET": str(notify_path)}
         log = work / f"daemon-{label}.log"
         with log.open("wb") as log_file:
-            daemon = subprocess.Popen([*me, *argv], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            if passed is not None:
+                env["SANDBOX_LISTEN_FD"] = str(passed.fileno())
+            daemon = subprocess.Popen(
+                [*me, *argv],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                pass_fds=[passed.fileno()] if passed is not None else [],
+            )
 
         @atexit.register
         def _cleanup():  # a failed check leaves no daemon behind
@@ -507,10 +544,20 @@ def main(unit, tunnel, work, listen_port, has_status, has_notify, has_workers, h
         if "Traceback" in text or "Operation not permitted" in text or "EPERM" in text or "exited with" in text:
             fail("the daemon log shows a traceback, a denied call or a dead worker", log)
         print("ok: SIGTERM: exit 0" + (", STOPPING=1" if has_notify else "") + "; log clean")
+        if passed is not None:
+            if 'serves the socket passed by the service manager: fd 3 (name "sandbox"' not in text:
+                fail("the daemon did not serve the passed socket", log)
+            with socket.create_connection(("127.0.0.1", listen_port), timeout=5):
+                pass  # no daemon runs: the kernel queues it on the socket systemd would hold
+            print("ok: served the passed socket (fd 3, name sandbox); with no daemon, a connect is queued, not refused")
 
     exercise("single", [])
     if has_workers:
         exercise("workers", ["--workers", "2"])
+    # As tunnel@.socket runs it: the socket bound here (systemd's), passed on descriptor 3.
+    held = socket.create_server(("127.0.0.1", listen_port), backlog=128)
+    exercise("socket-activated", [], passed=held)
+    held.close()
     if has_unix_section:
         unix_socket(me, tunnel, work, listen_port)
 

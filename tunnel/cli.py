@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from tunnel import __version__, pki
+from tunnel.activation import ActivationError
 from tunnel.config import Address, ConfigError, load_paths, parse_address, parse_duration
 from tunnel.passwords import read_password_file
 
@@ -21,7 +22,7 @@ DEFAULT_STATUS = "127.0.0.1:9100"
 
 # User-facing error types reported as "error: <message>" with EXIT_USAGE.
 # Add new ones here (e.g. a config error) rather than catching them in each command.
-USAGE_ERRORS: tuple[type[Exception], ...] = (pki.PKIError, ConfigError)
+USAGE_ERRORS: tuple[type[Exception], ...] = (pki.PKIError, ConfigError, ActivationError)
 
 
 @contextlib.contextmanager
@@ -572,17 +573,35 @@ def run(
                 paths, states, watch_interval=0, status=private, worker=True, listeners=listeners, renews=worker == 0
             ).run
         )
-    elif count > 1:
+        return
+    # Sockets systemd passed (socket activation): read, and removed from the environment, here.
+    from tunnel import activation
+
+    claimed = activation.claim(activation.listen_fds(), configs)
+    activation.announce(claimed, configs)
+    passed = {address: item.sock for address, item in claimed.items()}
+    if count > 1:
         from tunnel.workers import Supervisor, check_listen_addresses, check_ports_free
 
-        check_listen_addresses(configs)
-        check_ports_free(configs)
+        check_listen_addresses(configs, passed)
+        check_ports_free([config for config in configs if config.listen not in passed])
         supervisor = Supervisor(
-            paths, configs, workers=count, log_format=log_format, status=addresses, watch_interval=watch_interval
+            paths,
+            configs,
+            workers=count,
+            log_format=log_format,
+            status=addresses,
+            watch_interval=watch_interval,
+            passed=passed,
         )
         trio.run(supervisor.run)
     else:
-        trio.run(Daemon(paths, states, watch_interval=watch_interval, status=addresses).run)
+        from tunnel.listener import Listeners
+
+        own = Listeners()
+        for address, sock in passed.items():
+            own.adopt(address, sock, keep=True)
+        trio.run(Daemon(paths, states, watch_interval=watch_interval, status=addresses, listeners=own).run)
 
 
 @main.command(short_help="Who is connected, and each tunnel's health.")

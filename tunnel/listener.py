@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import trio
@@ -192,7 +193,10 @@ class Listeners:
     and the socket is closed (a unix socket file this registry made, unlinked) when the
     last borrower gives it back. A socket the process was handed already bound (a
     supervisor's, systemd's LISTEN_FDS) is `adopt`ed: served like the others, but its
-    path is never unlinked, since someone else made it (and may hand it on again).
+    path is never unlinked, since someone else made it (and may hand it on again). One
+    adopted with `keep` (systemd's) stays open when its last borrower gives it back: the
+    service manager holds the address anyway, and a reload that brings a tunnel back to
+    it serves it again.
     Workers bind their own SO_REUSEPORT sockets (`reuse_port`), one per worker.
     """
 
@@ -201,6 +205,7 @@ class Listeners:
         self._sockets: dict[Address, socket.socket] = {}
         self._borrowers: dict[Address, int] = {}
         self._adopted: set[Address] = set()
+        self._kept: set[Address] = set()
         self._accepting: dict[Address, trio.Lock] = {}
         self._members: dict[Address, dict[str, Any]] = {}
 
@@ -226,12 +231,24 @@ class Listeners:
         tunnel to another (a renamed one) both accept loops run for a moment."""
         return self._accepting.setdefault(address, trio.Lock())
 
-    def adopt(self, address: Address, sock: socket.socket) -> None:
-        """Serve `sock`, already bound and listening, for `address` from now on."""
+    def adopt(self, address: Address, sock: socket.socket, *, keep: bool = False) -> None:
+        """Serve `sock`, already bound and listening, for `address` from now on; with
+        `keep`, keep it open while no tunnel borrows it (until the process ends)."""
         sock.setblocking(False)
         self._sockets[address] = sock
         self._borrowers.setdefault(address, 0)
         self._adopted.add(address)
+        if keep:
+            self._kept.add(address)
+
+    def adopted(self, address: Address) -> bool:
+        """Was `address`'s socket handed to this process (rather than bound here)? Its
+        unix socket file's mode and group are then whoever made it's to set."""
+        return address in self._adopted
+
+    def kept(self) -> set[Address]:
+        """The addresses adopted with `keep`."""
+        return set(self._kept)
 
     def borrow(self, address: Address, unix: UnixSocket | None = None) -> socket.socket:
         """The listening socket for `address`, bound now if nobody holds it (OSError if it
@@ -249,7 +266,7 @@ class Listeners:
         if address not in self._borrowers:
             return
         self._borrowers[address] -= 1
-        if self._borrowers[address] > 0:
+        if self._borrowers[address] > 0 or address in self._kept:
             return
         sock = self._sockets.pop(address)
         del self._borrowers[address]
@@ -271,12 +288,13 @@ class Listeners:
 
 
 HANDED_DOWN = "TUNNEL_LISTEN_FDS"  # a supervisor's sockets for one worker: "FD=ADDRESS,..."
+_KEEP = "/keep"  # "FD/keep=ADDRESS": adopt it with keep (a socket systemd passed)
 
 
-def handed_down(sockets: dict[Address, socket.socket]) -> str:
+def handed_down(sockets: dict[Address, socket.socket], kept: Collection[Address] = ()) -> str:
     """The value of HANDED_DOWN that tells a worker which inherited descriptor serves
-    which listen address."""
-    return ",".join(f"{sock.fileno()}={address}" for address, sock in sockets.items())
+    which listen address (and which of them to keep open while unused: `kept`)."""
+    return ",".join(f"{sock.fileno()}{_KEEP if address in kept else ''}={address}" for address, sock in sockets.items())
 
 
 def adopt_handed_down(listeners: Listeners, value: str) -> None:
@@ -286,4 +304,5 @@ def adopt_handed_down(listeners: Listeners, value: str) -> None:
 
     for item in filter(None, value.split(",")):
         fd, _, address = item.partition("=")
-        listeners.adopt(parse_address(address), socket.socket(fileno=int(fd)))
+        keep = fd.endswith(_KEEP)
+        listeners.adopt(parse_address(address), socket.socket(fileno=int(fd.removesuffix(_KEEP))), keep=keep)

@@ -164,7 +164,10 @@ class Tunnel:
 
     def set_unix_permissions(self, unix: UnixSocket) -> None:
         """Give a bound unix: listen socket file `unix.group` and `unix.mode` again (on
-        reload; the socket stays bound). Nothing for a TCP listener. OSError if it cannot."""
+        reload; the socket stays bound). Nothing for a TCP listener, nor for a socket the
+        process was handed (systemd's SocketMode= rules it). OSError if it cannot."""
+        if self._listeners.adopted(self._bound):
+            return
         if self._listener is not None and self._bound.path is not None and self._listener.fileno() != -1:
             set_unix_permissions(self._bound.path, unix)
 

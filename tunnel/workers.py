@@ -8,7 +8,8 @@ across them. The supervisor does what there must be only one of:
   sockets at once, and hands them down (inherited descriptors, named in TUNNEL_LISTEN_FDS);
   a worker that dies leaves its socket, and its backlog, to the one started after it, and
   an address the tunnels leave on reload is closed here too (a worker binds an address
-  the configuration gains itself);
+  the configuration gains itself); a socket systemd passed (LISTEN_FDS) is handed to
+  every worker as it is, one socket for all, and stays open when the tunnels leave it;
 * readiness: each worker reports to the supervisor over the sd_notify protocol (a
   datagram socket of the supervisor's own, handed down as NOTIFY_SOCKET); the supervisor
   tells systemd READY=1 once all N are listening, and RELOADING=1 / READY=1 around reloads;
@@ -31,7 +32,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,12 @@ RESTART_DELAY = 1.0
 READY_TIMEOUT = 60.0
 
 
-def check_listen_addresses(configs: Sequence[TunnelConfig]) -> None:
-    """Workers share TCP ports: a fixed port each, and no unix listeners."""
+def check_listen_addresses(configs: Sequence[TunnelConfig], passed: Collection[Address] = ()) -> None:
+    """Workers share TCP ports: a fixed port each, and no unix listeners; but any socket
+    systemd passed (`passed`: the listen addresses it serves) is shared as it is."""
     for config in configs:
+        if config.listen in passed:
+            continue
         if config.listen.is_unix:
             raise ConfigError(config.source, "listen", "a unix socket cannot be shared by several workers")
         if config.listen.port == 0:
@@ -95,7 +99,11 @@ class Supervisor(ControlLoop):
         status: Sequence[Address] = (),
         watch_interval: float = DEFAULT_INTERVAL,
         notifier: Notifier | None = None,
+        passed: Mapping[Address, socket.socket] | None = None,
     ) -> None:
+        """`passed`: the sockets systemd passed (tunnel/activation.py), by the listen
+        address they serve: every worker gets the same one, and it stays open (for a later
+        reload) when the tunnels leave it."""
         super().__init__(paths, status=status, status_configs=configs, watch_interval=watch_interval, notifier=notifier)
         self.count = workers
         self.log_format = log_format
@@ -109,6 +117,7 @@ class Supervisor(ControlLoop):
         # check-then-bind between processes, and a worker that dies leaves its socket
         # (its backlog) in place for the one started after it.
         self._sockets: dict[int, dict[Address, socket.socket]] = {}
+        self._passed = dict(passed or {})
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -139,7 +148,9 @@ class Supervisor(ControlLoop):
             for index in range(self.count):
                 self._sockets[index] = {}
                 for config in self.configs:
-                    if config.listen not in self._sockets[index]:  # tunnels sharing it (sni): one socket
+                    if config.listen in self._passed:  # systemd's: the same socket for every worker
+                        self._sockets[index][config.listen] = self._passed[config.listen]
+                    elif config.listen not in self._sockets[index]:  # tunnels sharing it (sni): one socket
                         self._sockets[index][config.listen] = bind_listener(config.listen, reuse_port=True)
         except OSError as exc:
             self._close_sockets(lambda address: True)
@@ -192,7 +203,7 @@ class Supervisor(ControlLoop):
         env = {**os.environ, "NOTIFY_SOCKET": str(self._dir / "notify.sock"), "TUNNEL_WORKER": str(index)}
         while True:
             sockets = self._sockets.get(index, {})
-            env[HANDED_DOWN] = handed_down(sockets)
+            env[HANDED_DOWN] = handed_down(sockets, kept=self._passed)
             # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which
             # passes it on once (a worker would count a second copy as "close everything now").
             process = await trio.lowlevel.open_process(
@@ -259,7 +270,7 @@ class Supervisor(ControlLoop):
             # An address no tunnel listens on any more must not stay bound here, where
             # nobody accepts: the workers bind new addresses themselves.
             listening = {config.listen for config in self.configs}
-            self._close_sockets(lambda address: address not in listening)
+            self._close_sockets(lambda address: address not in listening and address not in self._passed)
         await self._announced(self._reload_workers)
 
     async def _reload_workers(self) -> None:
