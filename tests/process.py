@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.helpers import PKI
@@ -20,10 +21,22 @@ TUNNEL = [sys.executable, "-m", "tunnel.cli"]
 class DaemonProcess:
     """`tunnel run ARGS...` with stderr captured to a file; log lines can be awaited."""
 
-    def __init__(self, tmp: Path, *args: str, watch_interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *args: str,
+        watch_interval: float = 0.2,
+        pass_fds: Sequence[int] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.log_path = tmp / f"tunnel-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen([*TUNNEL, "run", f"--watch-interval={watch_interval}", *args], stderr=self._log)
+        self.process = subprocess.Popen(
+            [*TUNNEL, "run", f"--watch-interval={watch_interval}", *args],
+            stderr=self._log,
+            pass_fds=pass_fds,
+            env=None if env is None else {**os.environ, **env},
+        )
 
     def log(self) -> str:
         return self.log_path.read_text()
