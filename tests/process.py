@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.helpers import PKI
@@ -28,13 +28,18 @@ class DaemonProcess:
         watch_interval: float = 0.2,
         wrapper: Sequence[str] = (),
         pass_fds: Sequence[int] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """`wrapper`: a command that execs the rest of its arguments (plays systemd's part
-        in tests/e2e/test_socket_activation.py); `pass_fds`: descriptors it inherits."""
+        in tests/e2e/test_socket_activation.py); `pass_fds`: descriptors it inherits;
+        `env`: variables added to ours."""
         self.log_path = tmp / f"tunnel-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [*wrapper, *TUNNEL, "run", f"--watch-interval={watch_interval}", *args], stderr=self._log, pass_fds=pass_fds
+            [*wrapper, *TUNNEL, "run", f"--watch-interval={watch_interval}", *args],
+            stderr=self._log,
+            pass_fds=pass_fds,
+            env=None if env is None else {**os.environ, **env},
         )
 
     def log(self) -> str:

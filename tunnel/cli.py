@@ -553,7 +553,13 @@ def run(
 
     from tunnel import logs
     from tunnel.daemon import Daemon, build_states
+    from tunnel.ticket_keys import SecretError, process_secret
 
+    try:  # the session tickets' master secret: the one a parent passed (a worker, a hand-over), or a new one
+        process_secret()
+    except SecretError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_FAILURE) from None
     addresses = status
     configs = load_paths(paths)
     count = workers if workers is not None else max(config.workers for config in configs)

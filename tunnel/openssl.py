@@ -14,7 +14,7 @@ verify mode, minimum and maximum protocol version) must match what the `ssl` mod
 before anything is set. Those values are read through the pointer, so the guard against
 a wrong layout is the layout check before them, not a way to survive a wrong pointer.
 Whoever calls these gets False (nothing set) whenever a check fails, and decides what
-that means: see `tls.build_context` and `session_cache`.
+that means: see `tls.build_context` and `session_tickets`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ from pathlib import Path
 from tunnel.config import Address, TunnelConfig
 from tunnel.identity import Identity, decide, identity_from_der, profile_refusal
 from tunnel.outcomes import NO_CERTIFICATE, Outcome, no_longer_allowed
+from tunnel.session_tickets import use_session_tickets
 from tunnel.streams import TLSStream
+from tunnel.ticket_keys import TicketKeys, process_secret, trust_scope
 from tunnel.tls import build_context
 from tunnel.trust import Certificates, PeerRecords, Trust, check_certificates, load_certificates, load_trust
 from tunnel.unix_peers import PeerCredentials, unix_peer_refusal
@@ -27,8 +29,10 @@ class Resumption:
     `not_resuming`: the targets that failed a handshake offering one and then completed a
     full one (tunnel/client_side.py), offered none again. `peers`:
     the verdicts of full handshakes (see trust.PeerRecords). Both are tied to the state's
-    SSL context: a reload makes a new state, a new context (an empty session cache) and a
-    new Resumption together, so nothing resumes across a change of trust."""
+    SSL context: a reload makes a new state, a new context and a new Resumption
+    together. A server's sessions are tickets under keys derived from its name and trust
+    (tunnel.ticket_keys): they resume across a reload that keeps tls.ca and tls.crl,
+    never across one that changes them."""
 
     def __init__(self, trust: Trust) -> None:
         self.sessions: dict[Address, ssl.SSLSession] = {}
@@ -56,13 +60,25 @@ class TunnelState:
         context = build_context(config)
         certificates = load_certificates(config)
         warnings = check_certificates(config, certificates=certificates)
-        return cls(
+        state = cls(
             config=config,
             context=context,
             trust=load_trust(config, certificates),
             certificates=certificates,
             warnings=tuple(warnings),
         )
+        if config.mode == "server":
+            state.share_sessions()
+        return state
+
+    def share_sessions(self) -> bool:
+        """Server mode: resume from session tickets under the keys every process of this
+        tunnel derives (tunnel.session_tickets, tunnel.ticket_keys), resuming a session
+        only if `PeerRecords.resumable`. False where the context cannot take them: it
+        keeps OpenSSL's own tickets, which resume in this process only."""
+        keys = TicketKeys(process_secret(), trust_scope(self.config.name, self.trust))
+        peers = self.resumption.peers
+        return use_session_tickets(self.context, keys, lambda leaf: peers.resumable(leaf, datetime.now(UTC)))
 
     @property
     def expiries(self) -> list[tuple[Path, datetime]]:

@@ -21,7 +21,6 @@ from tunnel.config import ConfigError, TLSConfig, TunnelConfig
 from tunnel.openssl import set_groups, set_max_cert_list
 from tunnel.outcomes import ssl_words
 from tunnel.passwords import read_password_file
-from tunnel.session_cache import use_session_cache
 
 # Mozilla "intermediate" TLS 1.2 suites (TLS 1.3 suites are all AEAD and always on).
 TLS12_CIPHERS = ":".join(
@@ -78,12 +77,10 @@ def build_context(config: TunnelConfig) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     if config.protocol == "postgres":
         ctx.set_alpn_protocols([postgres.ALPN])  # required by PostgreSQL 17's direct TLS
-    if server_side:
-        # Resume from a bounded session cache rather than stateless tickets where the
-        # stdlib lets us bound it (see session_cache.py): much cheaper resumptions.
-        use_session_cache(ctx)
-    else:
+    if not server_side:
         ctx.check_hostname = True
+    # A server's session tickets (keys shared by every process) are set by
+    # TunnelState.build, which has the trust they are tied to (tunnel/session_tickets.py).
     return ctx
 
 

@@ -11,7 +11,9 @@ one, and each must reach the same verdict a full handshake would:
   to the new anchors, with no certificate on it revoked, and the CRLs must be current.
 * a resumed session (TLS 1.2 or 1.3), which skips certificate verification entirely: the
   verdict of the session's full handshake holds only until the earliest notAfter on its
-  path or the CRLs' next update, whichever comes first (`PeerRecords`).
+  path or the CRLs' next update, whichever comes first (`PeerRecords`); a session from a
+  ticket whose full handshake this process never saw resumes only if its leaf alone has
+  a path (`PeerRecords.resumable`), else it makes a full handshake.
 
 Path building is `cryptography.x509.verification` (RFC 5280 chain building), not a
 hand-written signature walk. Its extension policy is the Web PKI one for CA certificates
@@ -93,6 +95,7 @@ class RevocationList:
     signer: x509.Certificate  # the CA whose signature on it was verified when it was loaded
     revoked: frozenset[int]
     next_update: datetime
+    fingerprint: bytes = b""  # SHA-256 of its DER: which CRL this is (ticket_keys.trust_scope)
 
     def is_from(self, ca: x509.Certificate) -> bool:
         """Whether this is `ca`'s CRL: same name and same key as the CA that signed it
@@ -252,6 +255,7 @@ def _load_crl(config: TunnelConfig, path: Path, signers: Sequence[x509.Certifica
         signer=signer,
         revoked=frozenset(entry.serial_number for entry in crl),
         next_update=next_update,
+        fingerprint=hashlib.sha256(der).digest(),
     )
 
 
@@ -455,8 +459,11 @@ class PeerRecords:
     """The verdicts of full handshakes under one state, for the resumptions that follow.
 
     Mutable by design and owned by one `TunnelState`: a reload makes a new state, a new
-    SSL context (so an empty session cache) and new records together. Bounded: the
-    oldest record goes first; a resumption whose record is gone is checked from scratch.
+    SSL context and new records together. Bounded: the oldest record goes first. A
+    session ticket may come from another process (a worker, the process before a
+    hand-over) that made the full handshake: `resumable` judges, during the handshake,
+    whether one can resume here at all; a resumption whose record is gone is checked from
+    scratch.
     """
 
     LIMIT = 4096
@@ -488,6 +495,33 @@ class PeerRecords:
         self._records[presented[0]] = PeerRecord(tuple(presented), min(ends))
         if len(self._records) > self.LIMIT:
             self._records.popitem(last=False)
+
+    def resumable(self, leaf_der: bytes, now: datetime) -> bool:
+        """Whether a session with this leaf, back in a session ticket, may resume here:
+        this process remembers a full handshake's verdict on it, or can build a path from
+        the leaf alone (with tls.ca's intermediates) to an anchor. False when it can do
+        neither: the client may have presented intermediates that tls.ca lacks, in a full
+        handshake with another process, and judged from the leaf alone it would be refused
+        where a full handshake admits it; a full handshake must judge it instead. A
+        verdict found so (a path, nothing on it revoked) is remembered as a full
+        handshake's would be; any other refusal (expired, revoked) is left to
+        `resumption_refusal` after the handshake, which says why."""
+        if leaf_der in self._records:
+            return True
+        try:
+            path = self.trust.path(x509.load_der_x509_certificate(leaf_der), (), now)
+        except PathError as exc:
+            return exc.outcome.label != "unknown CA"
+        except ValueError:  # not a certificate we can parse: let a full handshake judge it
+            return False
+        if self.trust.revocation(path, now) is None:
+            ends = [c.not_valid_after_utc for c in path]
+            if self.trust.crl_next_update is not None:
+                ends.append(self.trust.crl_next_update)
+            self._records[leaf_der] = PeerRecord((leaf_der,), min(ends))
+            if len(self._records) > self.LIMIT:
+                self._records.popitem(last=False)
+        return True
 
     def resumption_refusal(self, leaf_der: bytes, now: datetime) -> Outcome | None:
         """Why a resumed session with this leaf must be refused now, or None: what a full

@@ -18,7 +18,10 @@ across them. The supervisor does what there must be only one of:
   on too, and the supervisor exits once every worker has drained;
 * the status address: /healthz, /connections and /metrics gather every worker's answer
   (from a private unix socket each) into one;
-* a worker that dies is started again.
+* a worker that dies is started again;
+* the master secret of the session-ticket keys (tunnel.ticket_keys): made once, in
+  memory, and passed to each worker it starts through an inherited pipe, so that every
+  worker, and a worker started again, resumes the sessions of every other.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from tunnel.logs import event
 from tunnel.metrics import merge_texts
 from tunnel.notify import Notifier
 from tunnel.status import NOT_FOUND, Responder, json_body
+from tunnel.ticket_keys import pass_secret
 from tunnel.watch import DEFAULT_INTERVAL
 
 log = logging.getLogger("tunnel")
@@ -204,14 +208,18 @@ class Supervisor(ControlLoop):
         while True:
             sockets = self._sockets.get(index, {})
             env[HANDED_DOWN] = handed_down(sockets, kept=self._passed)
+            secret = pass_secret()  # the session tickets' master secret, through a pipe
             # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which
             # passes it on once (a worker would count a second copy as "close everything now").
-            process = await trio.lowlevel.open_process(
-                self._worker_command(index),
-                env=env,
-                start_new_session=True,
-                pass_fds=[sock.fileno() for sock in sockets.values()],
-            )
+            try:
+                process = await trio.lowlevel.open_process(
+                    self._worker_command(index),
+                    env={**env, **secret.env},
+                    start_new_session=True,
+                    pass_fds=[*(sock.fileno() for sock in sockets.values()), secret.fd],
+                )
+            finally:
+                secret.close()
             self._processes[index] = process
             try:
                 code = await process.wait()

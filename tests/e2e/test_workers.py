@@ -8,15 +8,18 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tests.e2e.test_operations import metric
 from tests.helpers import PKI, free_port, make_pki, server_doc, write_yaml
 from tests.process import TUNNEL, DaemonProcess, EchoTarget, echo_once, is_closed, tls_client
 from tunnel import pki
+from tunnel.ticket_keys import create_secret, pass_secret
 
 
 def get_json(port: int, path: str) -> dict[str, object]:
@@ -350,3 +353,124 @@ def test_workers_serve_an_address_two_tunnels_share_by_sni(
         finally:
             conn.close()
     assert daemon.stop() == 0
+
+
+# -- session resumption across workers and restarts (session tickets, tunnel.ticket_keys) -------
+
+
+def resume(p: PKI, port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[bool | None, bytes, Any]:
+    """One connection offering `session`: (resumed?, the echo of b"hi", its session).
+    Closed cleanly (a session cache drops the session of a connection cut short)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            try:
+                data = echo_once(tls, b"hi")
+            except OSError:
+                data = b""
+            resumed, next_session = tls.session_reused, tls.session
+            if data:
+                tls.unwrap()
+            return resumed, data, next_session
+
+
+def test_every_resumption_resumes_whichever_worker_accepts_it(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    """With a session cache per worker, half the resumptions landed on the other worker
+    and made a full handshake."""
+    daemon, port, _ = start(pki_files, tmp_path, daemons, target)
+    ctx = pki_files.client_context("app1")
+    resumed, data, session = resume(pki_files, port, ctx, None)
+    assert (resumed, data) == (False, b"hi")
+    outcomes = []
+    for _ in range(100):
+        resumed, data, session = resume(pki_files, port, ctx, session)
+        outcomes.append((resumed, data))
+    assert outcomes.count((True, b"hi")) == 100, outcomes
+    log = daemon.wait_for("TLSv1.3 resumed", count=100)
+    for worker in ("worker=0", "worker=1"):  # the kernel spread them over both
+        assert any(worker in line and "resumed" in line for line in log.splitlines()), worker
+
+
+def test_a_revocation_by_reload_refuses_a_resumption_on_either_worker(
+    tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    """A full handshake on one worker; app1 revoked and reloaded; its session, offered
+    until each worker has refused it, never gets through (the new CRL changed every
+    ticket key: a full handshake, which the revocation refuses)."""
+    p = make_pki(tmp_path / "pki")
+    daemon, port, _ = start(p, tmp_path, daemons, target)
+    ctx = p.client_context("app1")
+    resumed, data, session = resume(p, port, ctx, None)
+    assert data == b"hi"
+    pki.revoke(p.dir, "app1")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("reloaded tunnels=1", count=2)  # by both workers
+    refusing: set[str] = set()
+    for _ in range(40):
+        resumed, data, _ = resume(p, port, ctx, session)
+        assert data == b""
+        assert not resumed
+        lines = [line for line in daemon.log().splitlines() if "refused: revoked" in line]
+        refusing = {w for w in ("worker=0", "worker=1") if any(w in line for line in lines)}
+        if len(refusing) == 2:
+            break
+    assert refusing == {"worker=0", "worker=1"}, daemon.log()
+
+
+def shows(secret: bytes, data: bytes) -> bool:
+    """Whether `data` holds `secret`, raw or in hex."""
+    return secret in data or secret.hex().encode() in data
+
+
+def test_sessions_resume_across_a_restart_that_passes_the_secret_which_never_shows(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget
+) -> None:
+    """The master secret reaches a new process (here: from the test, as a hand-over
+    would pass it) through an inherited pipe: not in any process's environment or
+    command line, nor on disk; a restart given it resumes the old process's sessions, one
+    not given it does not."""
+    secret = create_secret()
+    port = free_port()
+    doc = server_doc(pki_files, target.address, listen=f"127.0.0.1:{port}")
+    doc["allow"] = {"cn": ["app1"]}
+    path = write_yaml(tmp_path / "edge.yaml", doc)
+    ctx = pki_files.client_context("app1")
+
+    def run(secret: bytes | None) -> DaemonProcess:
+        passed = pass_secret(secret) if secret is not None else None
+        try:
+            daemon = DaemonProcess(
+                tmp_path,
+                "--workers",
+                "2",
+                str(path),
+                pass_fds=[passed.fd] if passed else (),
+                env=passed.env if passed else None,
+            )
+        finally:
+            if passed:
+                passed.close()
+        daemons.append(daemon)
+        daemon.wait_for("ready workers=2", timeout=20)
+        return daemon
+
+    first = run(secret)
+    for pid in [first.process.pid, *children(first.process.pid)]:
+        for leak in (f"/proc/{pid}/environ", f"/proc/{pid}/cmdline"):
+            text = Path(leak).read_bytes()
+            assert not shows(secret, text), leak
+    _, data, session = resume(pki_files, port, ctx, None)
+    assert data == b"hi"
+    assert first.stop() == 0
+    second = run(secret)
+    resumed, data, session = resume(pki_files, port, ctx, session)
+    assert (resumed, data) == (True, b"hi")
+    assert second.stop() == 0
+    run(None)
+    resumed, data, _ = resume(pki_files, port, ctx, session)
+    assert (resumed, data) == (False, b"hi")
+    for file in tmp_path.rglob("*"):
+        if file.is_file():
+            content = file.read_bytes()
+            assert not shows(secret, content), file

@@ -336,3 +336,47 @@ async def test_a_resumed_session_is_refused_once_the_crl_is_stale(
     refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused:")]
     assert len(refused) == 1, refused
     assert refused[0].startswith("refused: CRL expired")
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_a_ticket_from_another_worker_whose_leaf_alone_has_no_path_makes_a_full_handshake(
+    chains: Chains, tmp_path: Path, caplog: pytest.LogCaptureFixture, version: ssl.TLSVersion
+) -> None:
+    """Two tunnels from one file, as two workers: same keys, their own records. app1
+    presents its issuing CA, which tls.ca (the root alone) lacks. Worker B never saw its
+    full handshake, and from the leaf alone it would find no path and refuse a client
+    that a full handshake admits: it declines the ticket instead (a full handshake), and
+    resumes the next one."""
+    caplog.set_level(logging.INFO, logger="tunnel")
+    ctx = client_context(chains, chains.issuing / "app1.crt", chains.issuing / "app1.key", version)
+    async with backend(echo) as target:
+        path = server_yaml(chains, tmp_path, target.address)
+        async with running_tunnel(path) as (_, worker_a), running_tunnel(path) as (_, worker_b):
+            resumed, data, session = await trio.to_thread.run_sync(_blocking_session, ctx, worker_a, None)
+            assert (resumed, data) == (False, b"hi")
+            resumed, data, session = await trio.to_thread.run_sync(_blocking_session, ctx, worker_b, session)
+            assert (resumed, data) == (False, b"hi")  # declined: a full handshake, not a refusal
+            resumed, data, session = await trio.to_thread.run_sync(_blocking_session, ctx, worker_b, session)
+            assert (resumed, data) == (True, b"hi")  # now B has its full handshake's verdict
+            resumed, data, _ = await trio.to_thread.run_sync(_blocking_session, ctx, worker_a, session)
+            assert (resumed, data) == (True, b"hi")
+    assert not [r for r in caplog.records if r.getMessage().startswith("refused:")]
+
+
+async def test_a_ticket_from_another_worker_resumes_when_the_leaf_has_a_path_through_tls_ca(
+    chains: Chains, tmp_path: Path
+) -> None:
+    """With the issuing CA in tls.ca the leaf alone has a path: worker B resumes A's
+    ticket at once, and judges it (a revoked leaf would be refused: see below)."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(chains.root_crt.read_bytes() + (chains.issuing / "ca.crt").read_bytes())
+    ctx = client_context(
+        chains, leaf_only(chains.issuing / "app1.crt", tmp_path / "app1.crt"), chains.issuing / "app1.key"
+    )
+    async with backend(echo) as target:
+        path = server_yaml(chains, tmp_path, target.address, ca=str(bundle))
+        async with running_tunnel(path) as (_, worker_a), running_tunnel(path) as (_, worker_b):
+            resumed, data, session = await trio.to_thread.run_sync(_blocking_session, ctx, worker_a, None)
+            assert (resumed, data) == (False, b"hi")
+            resumed, data, session = await trio.to_thread.run_sync(_blocking_session, ctx, worker_b, session)
+            assert (resumed, data) == (True, b"hi")
