@@ -131,7 +131,10 @@ def close_listener(sock: socket.socket, address: Address) -> None:
 async def accept(listener: socket.socket, name: str, tunnel: AcceptHealth | None = None) -> tuple[socket.socket, Any]:
     """The next connection. Out of file descriptors or memory: log (not on every retry),
     wait 100 ms and try again; the connection waits in the kernel backlog meanwhile.
-    `tunnel.accept_failing` says why while that lasts (for /healthz)."""
+    `tunnel.accept_failing` says why while that lasts (for /healthz). Nothing yields once
+    a socket is accepted: a cancellation never reaches the caller with a socket in hand,
+    and the caller must give it to a task before it yields (and yield then, so that a
+    flood of connections does not starve the rest)."""
     failures = 0
     while True:
         try:
@@ -175,11 +178,9 @@ async def accept(listener: socket.socket, name: str, tunnel: AcceptHealth | None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):  # already reset by the peer: the handshake will tell
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            await trio.lowlevel.checkpoint()  # a flood of connections must not starve the rest
-        except BaseException:
-            sock.close()
-            raise
+        # No checkpoint from accept(2) to the return: a cancellation (a stop) delivered here
+        # would close a socket the client already sees connected, unread, which it sees as a
+        # reset. The caller hands the socket to a task first, then yields.
         return sock, address
 
 
