@@ -227,12 +227,32 @@ class Listeners:
         tunnel to another (a renamed one) both accept loops run for a moment."""
         return self._accepting.setdefault(address, trio.Lock())
 
-    def adopt(self, address: Address, sock: socket.socket) -> None:
-        """Serve `sock`, already bound and listening, for `address` from now on."""
+    def adopt(self, address: Address, sock: socket.socket, *, owned: bool = False) -> None:
+        """Serve `sock`, already bound and listening, for `address` from now on. `owned`:
+        this process now owns it as if it had bound it (handed over by the process it
+        upgrades): a unix socket file is unlinked with it."""
         sock.setblocking(False)
         self._sockets[address] = sock
         self._borrowers.setdefault(address, 0)
-        self._adopted.add(address)
+        if not owned:
+            self._adopted.add(address)
+
+    def items(self) -> list[tuple[Address, socket.socket]]:
+        """Every listening socket held now, by address (what an upgrade hands over)."""
+        return list(self._sockets.items())
+
+    def keep_files(self) -> None:
+        """Never unlink the socket files held now: they were handed over to a new process,
+        which serves them on."""
+        self._adopted.update(self._sockets)
+
+    def discard(self, address: Address) -> None:
+        """Close the socket of `address` if nobody borrowed it (one handed over for an
+        address the configuration no longer has: connects must not queue where nobody
+        accepts)."""
+        if address in self._sockets and self._borrowers.get(address, 0) == 0:
+            self._borrowers[address] = 1
+            self.give_back(address)
 
     def borrow(self, address: Address, unix: UnixSocket | None = None) -> socket.socket:
         """The listening socket for `address`, bound now if nobody holds it (OSError if it
