@@ -252,7 +252,7 @@ class ControlLoop(ABC):
     def _upgrade_requested(self) -> None:
         if not self.upgradable:
             return  # a worker: the supervisor is upgraded, and starts new workers itself
-        why = "an upgrade is under way" if self._upgrading else "stopping" if self._stopping else None
+        why = "stopping" if self._stopping else "an upgrade is under way" if self._upgrading else None
         if why is not None:
             event(logging.INFO, "upgrade_ignored", "SIGUSR2 ignored: %s", why, reason=why)
             return
