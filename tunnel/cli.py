@@ -527,6 +527,12 @@ def _status_address(_ctx: click.Context, _param: click.Parameter, value: str) ->
     default=None,
     help="Processes sharing every listener (SO_REUSEPORT). Default: the largest `workers:` in the files, or 1.",
 )
+@click.option(
+    "--pidfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the daemon's pid here once ready (atomically; removed at exit); `tunnel upgrade` reads it.",
+)
 @click.option("--worker", type=int, default=None, hidden=True, help="Run as worker N of a supervisor.")
 @click.option("--worker-status", hidden=True, type=click.Path(path_type=Path), help="A worker's private status socket.")
 @_paths_argument
@@ -536,13 +542,16 @@ def run(
     status: list[Address],
     watch_interval: float,
     workers: int | None,
+    pidfile: Path | None,
     worker: int | None,
     worker_status: Path | None,
 ) -> None:
     """Run every tunnel named (files, or directories of *.yaml) until SIGTERM/SIGINT, which
     stop accepting and drain open connections (a second one closes them). SIGHUP, or a change
     to any file a tunnel was configured from, reloads everything; a reload that fails keeps
-    the running state and is tried again.
+    the running state and is tried again. SIGUSR2 (or `tunnel upgrade`) hands every
+    listening socket to a new process started from the same command line, and drains once
+    it is ready.
 
     \b
     Example:
@@ -566,6 +575,10 @@ def run(
     # With several processes every line says which one wrote it.
     logs.setup(log_format, f"worker={worker}" if worker is not None else "supervisor" if count > 1 else None)
     states = build_states(configs)
+    from tunnel.upgrade import TakeOver
+
+    # Started by `tunnel upgrade` / SIGUSR2: the sockets of the process this one replaces.
+    takeover = TakeOver.from_environ() if worker is None else None
     if worker is not None:
         import os
 
@@ -586,11 +599,15 @@ def run(
     claimed = activation.claim(activation.listen_fds(), configs)
     activation.announce(claimed, configs)
     passed = {address: item.sock for address, item in claimed.items()}
+    if takeover is not None:  # systemd's sockets, as the upgraded process had them
+        passed.update({a: socks[0] for a, socks in takeover.by_address().items() if a in takeover.kept})
     if count > 1:
         from tunnel.workers import Supervisor, check_listen_addresses, check_ports_free
 
         check_listen_addresses(configs, passed)
-        check_ports_free([config for config in configs if config.listen not in passed])
+        check_ports_free(
+            [config for config in configs if config.listen not in passed], takeover.addresses() if takeover else ()
+        )
         supervisor = Supervisor(
             paths,
             configs,
@@ -599,6 +616,8 @@ def run(
             status=addresses,
             watch_interval=watch_interval,
             passed=passed,
+            takeover=takeover,
+            pidfile=pidfile,
         )
         trio.run(supervisor.run)
     else:
@@ -607,7 +626,72 @@ def run(
         own = Listeners()
         for address, sock in passed.items():
             own.adopt(address, sock, keep=True)
-        trio.run(Daemon(paths, states, watch_interval=watch_interval, status=addresses, listeners=own).run)
+        daemon = Daemon(
+            paths,
+            states,
+            watch_interval=watch_interval,
+            status=addresses,
+            listeners=own,
+            takeover=takeover,
+            pidfile=pidfile,
+        )
+        trio.run(daemon.run)
+
+
+@main.command(short_help="Upgrade a running `tunnel run` without dropping a connection.")
+@click.argument("pidfile", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--pid", type=int, default=None, help="Signal this process instead (no wait for the outcome).")
+@click.option(
+    "--timeout",
+    type=float,
+    default=40.0,
+    show_default=True,
+    help="Seconds to wait for the new process to take over (it has 30).",
+)
+def upgrade(pidfile: Path | None, pid: int | None, timeout: float) -> None:
+    """Send SIGUSR2 to the daemon whose pid PIDFILE holds (`tunnel run --pidfile PIDFILE`):
+    it starts a new process from its own command line (the code installed now) that takes
+    over every listening socket, then drains and exits. Waits until PIDFILE names the new
+    process and prints both pids (exit 0), or exits 1 if the old one is still in place after
+    --timeout seconds (the daemon's log says why: `upgrade failed`). With --pid PID, only
+    sends the signal.
+
+    \b
+    Example:
+      tunnel upgrade /run/tunnel/edge.pid
+      tunnel upgrade --pid 4242
+    """
+    import os
+    import signal
+    import time
+
+    if (pidfile is None) == (pid is None):
+        raise click.UsageError("give either PIDFILE or --pid PID")
+    if pid is not None:
+        os.kill(pid, signal.SIGUSR2)
+        click.echo(f"sent SIGUSR2 to {pid}")
+        return
+    assert pidfile is not None
+    old = _read_pid(pidfile)
+    os.kill(old, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        with contextlib.suppress(OSError, ValueError):
+            new = int(pidfile.read_text())
+            if new != old:
+                click.echo(f"upgraded: pid {old} -> {new}")
+                return
+    click.echo(f"error: pid {old} is still the daemon after {timeout:g}s: see its log (upgrade failed)", err=True)
+    raise SystemExit(EXIT_FAILURE)
+
+
+def _read_pid(pidfile: Path) -> int:
+    """The pid a pidfile holds; ConfigError-like usage error if it holds none."""
+    try:
+        return int(pidfile.read_text().strip())
+    except ValueError:
+        raise click.UsageError(f"{pidfile} holds no pid") from None
 
 
 @main.command(short_help="Who is connected, and each tunnel's health.")

@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import re
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from tunnel.state import TunnelState
 from tunnel.status import Responder, StatusServer
 from tunnel.trust import check_certificates
 from tunnel.tunnel import Tunnel
+from tunnel.upgrade import TakeOver
 from tunnel.watch import DEFAULT_INTERVAL
 
 log = logging.getLogger("tunnel")
@@ -82,6 +84,8 @@ class Daemon(ControlLoop):
         worker: bool = False,
         listeners: Listeners | None = None,
         renews: bool = True,
+        takeover: TakeOver | None = None,
+        pidfile: Path | None = None,
     ) -> None:
         """`listeners`: the registry of listening sockets, holding any the process was
         handed (a worker's from its supervisor); a new one otherwise. `renews`: this
@@ -95,12 +99,21 @@ class Daemon(ControlLoop):
             watch_interval=watch_interval,
             notifier=notifier,
             ignore_duplicate_stop=worker,
+            takeover=takeover,
+            pidfile=pidfile,
         )
+        self.upgradable = not worker
         self.tunnels: list[Tunnel] = []
         self._retiring: list[Tunnel] = []  # stopped by a reload, still draining
         self.metrics = PrometheusMetrics(self.all_tunnels)
         self.worker = worker  # one of several processes: listeners use SO_REUSEPORT
         self.listeners = listeners or Listeners(reuse_port=worker)  # one owner of every listening socket
+        if takeover is not None:  # the sockets of the process this one upgrades: ours now
+            for address, socks in takeover.by_address().items():
+                kept = address in takeover.kept  # systemd's: kept open, its file never unlinked
+                self.listeners.adopt(address, socks[0], owned=not kept, keep=kept)
+                for extra in socks[1:]:  # a supervisor's, one per worker: one process serves now
+                    extra.close()
         self.tunnels = [Tunnel(state, self.metrics, listeners=self.listeners) for state in states]
         self._reload_lock = trio.Lock()
         self._tunnel_nursery: trio.Nursery | None = None
@@ -136,7 +149,11 @@ class Daemon(ControlLoop):
     async def _start(self, serving: trio.Nursery, helpers: trio.Nursery) -> dict[str, Any]:
         """Serve every tunnel; their addresses (name → sockname)."""
         self._tunnel_nursery = serving
-        return {tunnel.name: await serving.start(tunnel.serve) for tunnel in self.tunnels}
+        addresses = {tunnel.name: await serving.start(tunnel.serve) for tunnel in self.tunnels}
+        if self.takeover is not None:  # handed over for an address no tunnel has any more
+            for address in self.takeover.addresses():
+                self.listeners.discard(address)
+        return addresses
 
     def _running(self, helpers: trio.Nursery) -> None:
         helpers.start_soon(self._warn_about_expiry)
@@ -149,6 +166,18 @@ class Daemon(ControlLoop):
 
     def _stop(self, signum: int) -> None:
         self.stop()
+
+    def _listening(self) -> list[tuple[Address, socket.socket]]:
+        return self.listeners.items()
+
+    def _kept(self) -> set[Address]:
+        return self.listeners.kept()
+
+    def _handed_over(self) -> None:
+        self.listeners.keep_files()
+        self._begin_stopping(notify=False)
+        for tunnel in self.all_tunnels():
+            tunnel.stop()
 
     def _close_all(self, signum: int) -> None:
         for tunnel in self.all_tunnels():

@@ -132,7 +132,10 @@ def close_listener(sock: socket.socket, address: Address) -> None:
 async def accept(listener: socket.socket, name: str, tunnel: AcceptHealth | None = None) -> tuple[socket.socket, Any]:
     """The next connection. Out of file descriptors or memory: log (not on every retry),
     wait 100 ms and try again; the connection waits in the kernel backlog meanwhile.
-    `tunnel.accept_failing` says why while that lasts (for /healthz)."""
+    `tunnel.accept_failing` says why while that lasts (for /healthz). Nothing yields once
+    a socket is accepted: a cancellation never reaches the caller with a socket in hand,
+    and the caller must give it to a task before it yields (and yield then, so that a
+    flood of connections does not starve the rest)."""
     failures = 0
     while True:
         try:
@@ -176,11 +179,9 @@ async def accept(listener: socket.socket, name: str, tunnel: AcceptHealth | None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):  # already reset by the peer: the handshake will tell
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            await trio.lowlevel.checkpoint()  # a flood of connections must not starve the rest
-        except BaseException:
-            sock.close()
-            raise
+        # No checkpoint from accept(2) to the return: a cancellation (a stop) delivered here
+        # would close a socket the client already sees connected, unread, which it sees as a
+        # reset. The caller hands the socket to a task first, then yields.
         return sock, address
 
 
@@ -231,13 +232,16 @@ class Listeners:
         tunnel to another (a renamed one) both accept loops run for a moment."""
         return self._accepting.setdefault(address, trio.Lock())
 
-    def adopt(self, address: Address, sock: socket.socket, *, keep: bool = False) -> None:
-        """Serve `sock`, already bound and listening, for `address` from now on; with
-        `keep`, keep it open while no tunnel borrows it (until the process ends)."""
+    def adopt(self, address: Address, sock: socket.socket, *, keep: bool = False, owned: bool = False) -> None:
+        """Serve `sock`, already bound and listening, for `address` from now on. `keep`:
+        keep it open while no tunnel borrows it, until the process ends (systemd's, which
+        it owns). `owned`: this process now owns it as if it had bound it (handed over by
+        the process it upgrades): a unix socket file is unlinked with it."""
         sock.setblocking(False)
         self._sockets[address] = sock
         self._borrowers.setdefault(address, 0)
-        self._adopted.add(address)
+        if not owned:
+            self._adopted.add(address)
         if keep:
             self._kept.add(address)
 
@@ -249,6 +253,23 @@ class Listeners:
     def kept(self) -> set[Address]:
         """The addresses adopted with `keep`."""
         return set(self._kept)
+
+    def items(self) -> list[tuple[Address, socket.socket]]:
+        """Every listening socket held now, by address (what an upgrade hands over)."""
+        return list(self._sockets.items())
+
+    def keep_files(self) -> None:
+        """Never unlink the socket files held now: they were handed over to a new process,
+        which serves them on."""
+        self._adopted.update(self._sockets)
+
+    def discard(self, address: Address) -> None:
+        """Close the socket of `address` if nobody borrowed it (one handed over for an
+        address the configuration no longer has: connects must not queue where nobody
+        accepts). A kept one (systemd's) stays."""
+        if address in self._sockets and self._borrowers.get(address, 0) == 0 and address not in self._kept:
+            self._borrowers[address] = 1
+            self.give_back(address)
 
     def borrow(self, address: Address, unix: UnixSocket | None = None) -> socket.socket:
         """The listening socket for `address`, bound now if nobody holds it (OSError if it

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -159,6 +160,7 @@ async def serve_http(
     respond: Responder,
     *,
     max_connections: int = MAX_STATUS_CONNECTIONS,
+    sockets: list[socket.socket] | None = None,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `respond(path) -> (status line, content type, body)` on a TCP address, or on a
@@ -171,7 +173,17 @@ async def serve_http(
     that answers while the daemon is out of them); a client has REQUEST_TIMEOUT seconds
     to send its request and RESPONSE_TIMEOUT seconds to take the answer. Out of file
     descriptors with the spare in use, accepting pauses for 100 ms at a time (the
-    connection waits in the kernel backlog)."""
+    connection waits in the kernel backlog).
+
+    `sockets`: listening sockets for `address` handed over by an upgrade, served instead
+    of binding it (an empty list: bind, and the list is filled with the sockets bound, so
+    that an upgrade can hand them on)."""
+    if sockets:
+        listening = list(sockets)
+        task_status.started(listening[0].getsockname())
+        log.info("status listening on %s", address, extra={"event": "status_listening", "fields": {}})
+        await _serve_listening(listening, respond, max_connections)
+        return
     if address.path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address.path)
@@ -186,6 +198,12 @@ async def serve_http(
     # Plain sockets from here: accept(2) is called directly, so that the spare can be
     # closed and the call retried with nothing in between.
     listening = [socket.socket(fileno=listener.socket.detach()) for listener in listeners]
+    if sockets is not None:
+        sockets.extend(listening)
+    await _serve_listening(listening, respond, max_connections)
+
+
+async def _serve_listening(listening: list[socket.socket], respond: Responder, max_connections: int) -> None:
     connections = _StatusConnections(max_connections)
     try:
         async with trio.open_nursery() as nursery:
@@ -357,10 +375,13 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
-async def start_status(nursery: trio.Nursery, address: Address, respond: Responder, origin: str) -> Any:
+async def start_status(
+    nursery: trio.Nursery, address: Address, respond: Responder, origin: str, sockets: list[socket.socket] | None = None
+) -> Any:
     """Start `serve_http` on `address` in `nursery`; its bound address. OSError naming
-    `origin` (what asked for it: `--status` or a file's `status:` key) if it cannot listen."""
+    `origin` (what asked for it: `--status` or a file's `status:` key) if it cannot listen.
+    `sockets`: see serve_http."""
     try:
-        return await nursery.start(serve_http, address, respond)
+        return await nursery.start(functools.partial(serve_http, address, respond, sockets=sockets))
     except OSError as exc:
         raise OSError(exc.errno, f"{origin}: cannot serve status on {address}: {exc.strerror or exc}") from None

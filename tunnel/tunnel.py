@@ -62,6 +62,7 @@ class Tunnel:
         self._shed_log = ShedLog(self.name)
         self.accept_failing: str | None = None  # why accept(2) keeps failing (EMFILE...), until it works again
         self._stop_accepting = trio.CancelScope()
+        self._admitted = trio.Event()  # a socket that waited for room was admitted or shed
         self._connections_scope: trio.CancelScope | None = None
         self._connections: trio.Nursery | None = None  # where connections routed here run
         self._listener: socket.socket | None = None
@@ -252,17 +253,38 @@ class Tunnel:
                 await self.gate.wait_for_room(handshake=handshake, displace=tcp)
                 async with self._listeners.accepting(self._bound):
                     sock, address = await accept(listener, self.name, self)
-                try:
-                    source = source_key(address) if tcp else None
-                    while (ticket := self.gate.admit(source, trio.current_time(), handshake=handshake)) is None:
-                        await self.gate.wait_for_room(handshake=handshake, displace=tcp)
-                except BaseException:
-                    sock.close()
-                    raise
-                if isinstance(ticket, str):
+                # From here the socket is the client's connection: it is served, or drained,
+                # never closed unread because the tunnel stops (the client would see a reset).
+                source = source_key(address) if tcp else None
+                ticket = self.gate.admit(source, trio.current_time(), handshake=handshake)
+                if ticket is None:  # no room after all: wait for it in a task of its own,
+                    # which a stop leaves to drain (the connections nursery outlives this loop)
+                    nursery.start_soon(self._admit_then_handle, sock, address, source, handshake)
+                    await self._admitted.wait()
+                    self._admitted = trio.Event()
+                elif isinstance(ticket, str):
                     self._shed(sock, address, source, ticket)
                 else:
                     nursery.start_soon(self._handle, sock, address, ticket)
+                await trio.lowlevel.checkpoint()  # a flood of connections must not starve the rest
+
+    async def _admit_then_handle(self, sock: socket.socket, address: Any, source: str | None, handshake: bool) -> None:
+        """An accepted socket that found no room: wait for room (the accept loop waits for
+        this decision before accepting more), then serve or shed it. Cancelled only with
+        the connections (a drain's deadline, closing everything), never by a stop."""
+        try:
+            tcp = sock.family != socket.AF_UNIX
+            while (ticket := self.gate.admit(source, trio.current_time(), handshake=handshake)) is None:
+                await self.gate.wait_for_room(handshake=handshake, displace=tcp)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            self._admitted.set()
+        if isinstance(ticket, str):
+            self._shed(sock, address, source, ticket)
+        else:
+            await self._handle(sock, address, ticket)
 
     def _shed(self, sock: socket.socket, address: Any, source: str | None, reason: str) -> None:
         """Reset a new socket at once (SO_LINGER 0: no TIME_WAIT left behind); counted,

@@ -51,6 +51,7 @@ from tunnel.metrics import merge_texts
 from tunnel.notify import Notifier
 from tunnel.status import NOT_FOUND, Responder, json_body
 from tunnel.ticket_keys import pass_secret
+from tunnel.upgrade import TakeOver
 from tunnel.watch import DEFAULT_INTERVAL
 
 log = logging.getLogger("tunnel")
@@ -71,10 +72,13 @@ def check_listen_addresses(configs: Sequence[TunnelConfig], passed: Collection[A
             raise ConfigError(config.source, "listen", "port 0 cannot be shared by several workers")
 
 
-def check_ports_free(configs: Sequence[TunnelConfig]) -> None:
+def check_ports_free(configs: Sequence[TunnelConfig], handed: Collection[Address] = ()) -> None:
     """SO_REUSEPORT would let workers share a port with some other process: make sure no
-    one else holds it first (OSError naming the tunnel otherwise)."""
+    one else holds it first (OSError naming the tunnel otherwise). `handed`: addresses
+    whose sockets an upgraded supervisor handed over (held by us, not checked)."""
     for config in configs:
+        if config.listen in handed:
+            continue
         family = socket.AF_INET6 if ":" in config.listen.host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -104,11 +108,23 @@ class Supervisor(ControlLoop):
         watch_interval: float = DEFAULT_INTERVAL,
         notifier: Notifier | None = None,
         passed: Mapping[Address, socket.socket] | None = None,
+        takeover: TakeOver | None = None,
+        pidfile: Path | None = None,
     ) -> None:
         """`passed`: the sockets systemd passed (tunnel/activation.py), by the listen
         address they serve: every worker gets the same one, and it stays open (for a later
-        reload) when the tunnels leave it."""
-        super().__init__(paths, status=status, status_configs=configs, watch_interval=watch_interval, notifier=notifier)
+        reload) when the tunnels leave it. `takeover`: the sockets of the supervisor this
+        one upgrades (tunnel/upgrade.py): worker i gets the i-th socket handed for each
+        address, so the kernel's SO_REUSEPORT group stays the same."""
+        super().__init__(
+            paths,
+            status=status,
+            status_configs=configs,
+            watch_interval=watch_interval,
+            notifier=notifier,
+            takeover=takeover,
+            pidfile=pidfile,
+        )
         self.count = workers
         self.log_format = log_format
         self.configs = list(configs)
@@ -148,6 +164,7 @@ class Supervisor(ControlLoop):
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(self._dir / "notify.sock"))
         self._notify = trio.socket.from_stdlib_socket(notify)
+        handed = self.takeover.by_address() if self.takeover is not None else {}
         try:
             for index in range(self.count):
                 self._sockets[index] = {}
@@ -155,10 +172,17 @@ class Supervisor(ControlLoop):
                     if config.listen in self._passed:  # systemd's: the same socket for every worker
                         self._sockets[index][config.listen] = self._passed[config.listen]
                     elif config.listen not in self._sockets[index]:  # tunnels sharing it (sni): one socket
-                        self._sockets[index][config.listen] = bind_listener(config.listen, reuse_port=True)
+                        if handed.get(config.listen):  # the upgraded supervisor's worker `index`'s
+                            self._sockets[index][config.listen] = handed[config.listen].pop(0)
+                        else:
+                            self._sockets[index][config.listen] = bind_listener(config.listen, reuse_port=True)
         except OSError as exc:
             self._close_sockets(lambda address: True)
             raise OSError(exc.errno, f"cannot listen for the workers: {exc.strerror or exc}") from exc
+        finally:
+            for rest in handed.values():  # fewer workers, or an address no longer configured
+                for sock in rest:
+                    sock.close()
 
     def _close_sockets(self, which: Callable[[Address], bool]) -> None:
         """Close the handed-down sockets of the addresses `which` picks (all of them at the
@@ -185,6 +209,19 @@ class Supervisor(ControlLoop):
 
     def _close_all(self, signum: int) -> None:
         self._send_all(signum)
+
+    def _listening(self) -> list[tuple[Address, socket.socket]]:
+        """Every worker's sockets, worker 0's first: the new supervisor's worker i gets
+        the sockets worker i has now."""
+        return [(address, sock) for index in sorted(self._sockets) for address, sock in self._sockets[index].items()]
+
+    def _kept(self) -> set[Address]:
+        return set(self._passed)
+
+    def _handed_over(self) -> None:
+        """The new supervisor's workers accept on the same sockets: these workers drain."""
+        self._begin_stopping(notify=False)
+        self._send_all(signal.SIGTERM)
 
     def _worker_command(self, index: int) -> list[str]:
         return [

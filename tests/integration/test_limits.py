@@ -6,6 +6,7 @@ tunnel on 127.0.0.1 is a second source on the same machine."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -46,7 +47,9 @@ async def connect_from(source: str, address: str) -> trio.socket.SocketType:
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         await sock.bind((source, 0))
-        await sock.connect((host, int(port)))
+        # Shed so soon after accept(2) that connect(2) learnt of it: is_cut says so.
+        with contextlib.suppress(ConnectionResetError):
+            await sock.connect((host, int(port)))
     except BaseException:  # refused, or cancelled mid-connect: not left for the GC to find
         sock.close()
         raise
