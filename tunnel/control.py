@@ -92,6 +92,7 @@ class ControlLoop(ABC):
         self._helpers: trio.Nursery | None = None
         self.takeover = takeover
         self.pidfile = pidfile
+        self._pidfile_handed_over = False
         self._upgrading = False
         self._upgrade_scope: trio.CancelScope | None = None
         # The status addresses' listening sockets (handed over in an upgrade).
@@ -207,7 +208,9 @@ class ControlLoop(ABC):
     def _remove_pidfile(self) -> None:
         """Remove the pidfile if it still names this process (after an upgrade it names
         the new one)."""
-        if self.pidfile is None:
+        if self.pidfile is None or self._pidfile_handed_over:
+            # Handed over: the new process writes the file once it has taken over, maybe
+            # between our reading it and unlinking it, so this process leaves it alone.
             return
         with contextlib.suppress(OSError, ValueError):
             if int(self.pidfile.read_text()) == os.getpid():
@@ -290,6 +293,7 @@ class ControlLoop(ABC):
             pid=process.pid,
         )
         self._upgrading = True  # no second upgrade from a process that has handed over
+        self._pidfile_handed_over = True  # the new process writes it: never remove it now
         self._handed_over()
 
     def _watched(self) -> tuple[list[Path], list[Path]]:

@@ -113,7 +113,8 @@ class Daemon(ControlLoop):
                 kept = address in takeover.kept  # systemd's: kept open, its file never unlinked
                 self.listeners.adopt(address, socks[0], owned=not kept, keep=kept)
                 for extra in socks[1:]:  # a supervisor's, one per worker: one process serves now
-                    extra.close()
+                    if extra is not socks[0]:
+                        extra.close()
         self.tunnels = [Tunnel(state, self.metrics, listeners=self.listeners) for state in states]
         self._reload_lock = trio.Lock()
         self._tunnel_nursery: trio.Nursery | None = None

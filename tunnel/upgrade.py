@@ -66,11 +66,16 @@ def _fd_list(sockets: Sequence[tuple[Address, socket.socket]]) -> str:
 
 
 def _parse_fd_list(value: str) -> list[tuple[Address, socket.socket]]:
-    """ValueError for a malformed value."""
+    """ValueError for a malformed value. A descriptor named twice (a socket systemd passed,
+    which every worker shares) is one socket object: closing it once closes it."""
     found = []
+    made: dict[int, socket.socket] = {}
     for item in filter(None, value.split(",")):
         fd, _, address = item.partition("=")
-        found.append((parse_address(address), socket.socket(fileno=int(fd))))
+        number = int(fd)
+        if number not in made:
+            made[number] = socket.socket(fileno=number)
+        found.append((parse_address(address), made[number]))
     return found
 
 

@@ -180,9 +180,11 @@ class Supervisor(ControlLoop):
             self._close_sockets(lambda address: True)
             raise OSError(exc.errno, f"cannot listen for the workers: {exc.strerror or exc}") from exc
         finally:
+            serving = {id(sock) for sock in self._passed.values()}
             for rest in handed.values():  # fewer workers, or an address no longer configured
                 for sock in rest:
-                    sock.close()
+                    if id(sock) not in serving:  # a socket systemd passed is one object for all
+                        sock.close()
 
     def _close_sockets(self, which: Callable[[Address], bool]) -> None:
         """Close the handed-down sockets of the addresses `which` picks (all of them at the
