@@ -238,6 +238,8 @@ SERVER_PEERS = ("tunnel", "stunnel4", "nginx", "haproxy")
 PAIR_PEERS = ("tunnel", "stunnel4")
 # For reference only (latency and redis): two bare trio forwarders, no TLS. See trio_forward.py.
 TRIO_FLOOR = "trio-floor"
+EPOLL_FLOOR = "epoll-floor"  # the same without trio: one select.epoll loop in plain CPython
+FLOORS = {TRIO_FLOOR: "trio_forward.py", EPOLL_FLOOR: "epoll_forward.py"}
 
 
 def start_server(
@@ -263,8 +265,8 @@ def start_server(
 def start_pair(procs: Processes, setup: Setup, peer: str, target: int, *, protocol: str = "tcp") -> Pair:
     """A client+server pair in front of `target`; `protocol` as for `start_server` (the
     trio floor relays bytes whatever they are)."""
-    if peer == TRIO_FLOOR:
-        return _trio_floor_pair(procs, setup, target)
+    if peer in FLOORS:
+        return _floor_pair(procs, setup, target, peer)
     server = start_server(procs, setup, peer, target, protocol=protocol)
     port = free_port()
     if peer == "tunnel":
@@ -278,15 +280,16 @@ def start_pair(procs: Processes, setup: Setup, peer: str, target: int, *, protoc
     return Pair(peer, client, server.proc, port)
 
 
-def _trio_floor_pair(procs: Processes, setup: Setup, target: int) -> Pair:
-    """Two bare trio forwarders (bench/trio_forward.py), plain TCP: the event loop's floor."""
-    script = str(Path(__file__).resolve().parent / "trio_forward.py")
+def _floor_pair(procs: Processes, setup: Setup, target: int, peer: str) -> Pair:
+    """Two bare forwarders, plain TCP: trio's (bench/trio_forward.py), the event loop's
+    floor, or plain CPython's on select.epoll (bench/epoll_forward.py)."""
+    script = str(Path(__file__).resolve().parent / FLOORS[peer])
     server_port, client_port = free_port(), free_port()
-    server = procs.start(f"{TRIO_FLOOR}-server", [setup.python, script, str(server_port), str(target)])
+    server = procs.start(f"{peer}-server", [setup.python, script, str(server_port), str(target)])
     wait_listening(server, server_port)
-    client = procs.start(f"{TRIO_FLOOR}-client", [setup.python, script, str(client_port), str(server_port)])
+    client = procs.start(f"{peer}-client", [setup.python, script, str(client_port), str(server_port)])
     wait_listening(client, client_port)
-    return Pair(TRIO_FLOOR, client, server, client_port)
+    return Pair(peer, client, server, client_port)
 
 
 def tunnel_has_workers(python: str) -> bool:

@@ -319,7 +319,7 @@ def markdown(results: Results, info: dict[str, Any]) -> str:
             "Set where the work is ours: the CPU a handshake costs against nginx's, and what each",
             "relayed message costs against `trio-floor` (bare trio forwarders: Python's own floor,",
             "see the reference table below). The earlier targets against stunnel4 for small",
-            "messages (pair p50 ≤ 1.3×, redis-benchmark ≥ 1.0×) are retired: no Python tunnel",
+            f"messages (pair p50 ≤ 1.3{X}, redis-benchmark ≥ 1.0{X}) are retired: no Python tunnel",
             "reaches them, the floor itself does not.",
             "",
             *targets,
@@ -338,7 +338,9 @@ def markdown(results: Results, info: dict[str, Any]) -> str:
             *table,
             "",
         ]
-    table = _peer_table(results, DIRECT_ROWS, ["direct", "trio-floor", "tunnel", "stunnel4"], ratios=False)
+    table = _peer_table(
+        results, DIRECT_ROWS, ["direct", "epoll-floor", "trio-floor", "tunnel", "stunnel4"], ratios=False
+    )
     if table:
         out += [
             "## For reference: no tunnel at all, and the event loop's floor",
@@ -347,6 +349,8 @@ def markdown(results: Results, info: dict[str, Any]) -> str:
             "`trio-floor`: a pair of bare trio forwarders (`bench/trio_forward.py`: plain TCP, no",
             "TLS, no logging, relaying as the tunnel does) in place of the tunnel pair: what the",
             "event loop alone costs per relayed message, the floor under the tunnel's latency.",
+            "`epoll-floor`: the same in plain CPython on one `select.epoll` loop, no trio",
+            "(`bench/epoll_forward.py`): when it is no faster than `trio-floor`, the floor is Python's.",
             "",
             *table,
             "",

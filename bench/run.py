@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from peers import (  # noqa: E402
+    EPOLL_FLOOR,
     NGINX_STREAM_MODULE,
     PAIR_PEERS,
     SERVER_PEERS,
@@ -247,7 +248,7 @@ class Bench:
 
     def latency(self, rnd: int) -> None:
         ping = ["--rounds", str(self.settings.latency_rounds), "--size", str(self.settings.latency_size)]
-        for peer in (*PAIR_PEERS, TRIO_FLOOR, "direct"):
+        for peer in (*PAIR_PEERS, TRIO_FLOOR, EPOLL_FLOOR, "direct"):
             pair = None if peer == "direct" else start_pair(self.procs, self.setup, peer, self.echo_port)
             try:
                 port = self.echo_port if pair is None else pair.port
@@ -330,7 +331,7 @@ class Bench:
     # -- 5. redis
 
     def redis(self, rnd: int, redis_port: int) -> None:
-        for peer in (*PAIR_PEERS, TRIO_FLOOR, "direct"):
+        for peer in (*PAIR_PEERS, TRIO_FLOOR, EPOLL_FLOOR, "direct"):
             pair = None if peer == "direct" else start_pair(self.procs, self.setup, peer, redis_port)
             try:
                 port = redis_port if pair is None else pair.port
@@ -363,7 +364,7 @@ class Bench:
         the application in plaintext (sslmode=disable: stunnel's client does not answer an
         application's SSLRequest). Transactions per second, initial connections excluded."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"PGSSLMODE": "disable"}
-        for peer in (*PAIR_PEERS, TRIO_FLOOR, "direct"):
+        for peer in (*PAIR_PEERS, TRIO_FLOOR, EPOLL_FLOOR, "direct"):
             pair = None if peer == "direct" else start_pair(self.procs, self.setup, peer, pg_port, protocol="postgres")
             try:
                 port = pg_port if pair is None else pair.port
