@@ -27,10 +27,9 @@ from tunnel.outcomes import (
     received_alert,
     refusal,
     refused_by_server,
-    side_broke,
     ssl_words,
 )
-from tunnel.pipeline import Host, dial_target, refuse, relay_and_close
+from tunnel.pipeline import Host, dial_target, refuse, relay_and_close, send_before_relay
 from tunnel.state import Resumption, TunnelState
 from tunnel.streams import PlainStream, StreamBroken, TLSStream
 
@@ -85,13 +84,7 @@ async def serve_plain_client(host: Host, state: TunnelState, sock: socket.socket
     conn.peer_chain = resumption.peers.chain(der) if der else ()
     host.story.opened(conn, server.describe_tls(), server=str(target))
     if first:
-        try:
-            await server.send_all(first)
-        except StreamBroken as exc:
-            conn.stats.end = side_broke("target", exc)
-            server.abort()
-            client.abort()
-            host.story.closed(conn)
+        if not await send_before_relay(host, conn, client, server, first):
             return
         conn.stats.bytes_in += len(first)
     try:

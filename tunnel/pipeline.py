@@ -16,10 +16,10 @@ from tunnel.dial import TargetUnavailable, dial_any
 from tunnel.identity import Identity
 from tunnel.limits import Gate
 from tunnel.metrics import Metrics
-from tunnel.outcomes import BOTH_SIDES_CLOSED, CLOSED_BY_THE_DAEMON, DRAIN_TIMEOUT, Outcome
+from tunnel.outcomes import BOTH_SIDES_CLOSED, CLOSED_BY_THE_DAEMON, DRAIN_TIMEOUT, Outcome, side_broke
 from tunnel.relay import relay
 from tunnel.state import TunnelState
-from tunnel.streams import PlainStream, TLSStream
+from tunnel.streams import PlainStream, StreamBroken, TLSStream
 
 
 class Endings:
@@ -114,6 +114,23 @@ async def relay_and_close(
         if stats.end is None:
             stats.end = CLOSED_BY_THE_DAEMON
         host.story.closed(conn)
+
+
+async def send_before_relay(
+    host: Host, conn: Connection, accepted: PlainStream | TLSStream, dialled: PlainStream | TLSStream, data: bytes
+) -> bool:
+    """Send `data` to the dialled side before the relay starts (a PROXY header, a
+    PostgreSQL client's first message). False if that side broke: both ends reset, the
+    end logged."""
+    try:
+        await dialled.send_all(data)
+    except StreamBroken as exc:
+        conn.stats.end = side_broke("target", exc)
+        accepted.abort()
+        dialled.abort()
+        host.story.closed(conn)
+        return False
+    return True
 
 
 def refuse(

@@ -15,8 +15,8 @@ import trio
 from tunnel import postgres
 from tunnel.connection import Connection
 from tunnel.identity import decide, identity_from_der
-from tunnel.outcomes import HANDSHAKE_TIMEOUT, NO_CERTIFICATE, Outcome, during_handshake, handshake_failure, side_broke
-from tunnel.pipeline import Host, dial_target, refuse, relay_and_close
+from tunnel.outcomes import HANDSHAKE_TIMEOUT, NO_CERTIFICATE, Outcome, during_handshake, handshake_failure
+from tunnel.pipeline import Host, dial_target, refuse, relay_and_close, send_before_relay
 from tunnel.postgres import negotiate_as_server
 from tunnel.proxy_protocol import v2_header
 from tunnel.state import TunnelState
@@ -117,15 +117,10 @@ async def serve_tls_client(
     target_sock, target = dialled
     host.story.opened(conn, client.describe_tls(), target=str(target))
     target_stream = PlainStream(target_sock)
-    if config.proxy_protocol == "v2":
-        try:
-            await target_stream.send_all(_proxy_header(sock, conn, client))
-        except StreamBroken as exc:
-            conn.stats.end = side_broke("target", exc)
-            client.abort()
-            target_stream.abort()
-            host.story.closed(conn)
-            return
+    if config.proxy_protocol == "v2" and not await send_before_relay(
+        host, conn, client, target_stream, _proxy_header(sock, conn, client)
+    ):
+        return
     await relay_and_close(host, client, target_stream, conn, config.limits.idle_timeout)
 
 
