@@ -176,6 +176,8 @@ class Supervisor(ControlLoop):
                             self._sockets[index][config.listen] = handed[config.listen].pop(0)
                         else:
                             self._sockets[index][config.listen] = bind_listener(config.listen, reuse_port=True)
+                for address, sock in self._passed.items():  # systemd's, even with no tunnel on it now
+                    self._sockets[index].setdefault(address, sock)  # (a later reload serves it again)
         except OSError as exc:
             self._close_sockets(lambda address: True)
             raise OSError(exc.errno, f"cannot listen for the workers: {exc.strerror or exc}") from exc
