@@ -56,33 +56,54 @@ class _Reader:
         return self.at == len(self.data)
 
 
+class Reader:
+    """A ClientHello read as its bytes come: `feed` each chunk; every record is looked at
+    once, so a ClientHello cut into many tiny records and sent in many small segments
+    costs time in proportion to its size (re-reading it all from the start on every
+    chunk cost the square: seconds of CPU for one hostile client)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()  # every byte fed so far
+        self._at = 0  # where the next record starts in data
+        self._message = bytearray()  # the handshake message's bytes so far
+        self.records = 0  # TLS records read so far, each once
+
+    def feed(self, chunk: bytes) -> ClientHello | None:
+        """The ClientHello once complete, None while more bytes are needed; ValueError
+        when they are not a TLS ClientHello (or one longer than MAX_CLIENT_HELLO)."""
+        self.data += chunk
+        data, message = self.data, self._message
+        while self._at + 5 <= len(data):
+            at = self._at
+            kind, major, length = data[at], data[at + 1], int.from_bytes(data[at + 3 : at + 5], "big")
+            if kind != HANDSHAKE or major != 3:
+                raise ValueError("not a TLS handshake record")
+            if not 0 < length <= MAX_RECORD:
+                raise ValueError(f"a TLS record of {length} bytes")
+            if at + 5 + length > len(data):
+                return None
+            message += data[at + 5 : at + 5 + length]
+            self._at = at + 5 + length
+            self.records += 1
+            if len(message) >= 4:
+                if message[0] != CLIENT_HELLO:
+                    raise ValueError("the first handshake message is not a ClientHello")
+                size = int.from_bytes(message[1:4], "big")
+                if size > MAX_CLIENT_HELLO:
+                    raise ValueError(f"a ClientHello of {size} bytes")
+                if len(message) >= 4 + size:
+                    return _client_hello(bytes(message[4 : 4 + size]))
+        rest = data[self._at :]
+        if rest[:1] and (rest[0] != HANDSHAKE or (len(rest) > 1 and rest[1] != 3)):
+            raise ValueError("not a TLS handshake record")
+        return None
+
+
 def parse(data: bytes) -> ClientHello | None:
     """The ClientHello at the start of `data` (the first bytes a TLS client sends): None
     while more bytes are needed, ValueError when they are not a TLS ClientHello (or one
     longer than MAX_CLIENT_HELLO)."""
-    message = bytearray()
-    at = 0
-    while at + 5 <= len(data):
-        kind, major, length = data[at], data[at + 1], int.from_bytes(data[at + 3 : at + 5], "big")
-        if kind != HANDSHAKE or major != 3:
-            raise ValueError("not a TLS handshake record")
-        if not 0 < length <= MAX_RECORD:
-            raise ValueError(f"a TLS record of {length} bytes")
-        if at + 5 + length > len(data):
-            return None
-        message += data[at + 5 : at + 5 + length]
-        at += 5 + length
-        if len(message) >= 4:
-            if message[0] != CLIENT_HELLO:
-                raise ValueError("the first handshake message is not a ClientHello")
-            size = int.from_bytes(message[1:4], "big")
-            if size > MAX_CLIENT_HELLO:
-                raise ValueError(f"a ClientHello of {size} bytes")
-            if len(message) >= 4 + size:
-                return _client_hello(bytes(message[4 : 4 + size]))
-    if data[:1] and (data[0] != HANDSHAKE or (len(data) > 1 and data[1] != 3)):
-        raise ValueError("not a TLS handshake record")
-    return None
+    return Reader().feed(data)
 
 
 def _client_hello(body: bytes) -> ClientHello:

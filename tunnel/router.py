@@ -87,19 +87,20 @@ async def read_opening(stream: PlainStream, *, postgres_here: bool) -> Opening:
         if negotiation.refused is not None:
             return Opening(refused=negotiation.refused, reply=negotiation.reply)
         data, ssl_request = negotiation.prefix, not negotiation.direct
+    reader = client_hello.Reader()
+    chunk = data
     while True:
         try:
-            hello = client_hello.parse(data)
+            hello = reader.feed(chunk)
         except ValueError as exc:
             return Opening(refused=refusal("not TLS", f"({exc})"))
         if hello is not None:
-            return Opening(data, hello, ssl_request)
-        if len(data) > client_hello.MAX_CLIENT_HELLO + 4096:
+            return Opening(bytes(reader.data), hello, ssl_request)
+        if len(reader.data) > client_hello.MAX_CLIENT_HELLO + 4096:
             return Opening(refused=refusal("not TLS", "(a ClientHello too long)"))
         chunk = await stream.receive_some(READ_SIZE)
         if not chunk:
             return Opening(refused=refusal("not TLS", "(closed before its ClientHello ended)"))
-        data += chunk
 
 
 def mismatch(opening: Opening, config: TunnelConfig) -> Outcome | None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunnel.client_hello import ClientHello, parse, unrecognized_name_alert
+from tunnel.client_hello import CLIENT_HELLO, MAX_CLIENT_HELLO, ClientHello, Reader, parse, unrecognized_name_alert
 
 
 def client_hello(server_name: str | None, alpn: list[str] | None = None, *, tls12: bool = False) -> bytes:
@@ -98,3 +98,29 @@ def test_a_corrupted_client_hello_never_raises_anything_but_a_value_error(at: in
 
 def test_the_unrecognized_name_alert_is_a_fatal_alert_record() -> None:
     assert unrecognized_name_alert() == b"\x15\x03\x03\x00\x02\x02\x70"
+
+
+def test_a_client_hello_in_one_byte_records_arriving_in_small_segments_is_read_once() -> None:
+    """A ClientHello cut into 1-byte records (RFC 8446 section 5.1 allows it) arriving 64
+    bytes at a time: each record is read once, not the whole opening again on every
+    segment (which cost seconds of CPU for one hostile client; found in review)."""
+    hello = client_hello("tiny.example", ["postgresql"])
+    message = hello[5:]
+    records = b"".join(hello[:3] + b"\x00\x01" + message[i : i + 1] for i in range(len(message)))
+    reader = Reader()
+    found = None
+    for at in range(0, len(records), 64):
+        found = reader.feed(records[at : at + 64])
+        if found is not None:
+            break
+    assert found == ClientHello("tiny.example", ("postgresql",))
+    assert reader.records == len(message)
+
+
+def test_a_client_hello_longer_than_the_bound_is_refused_however_it_is_cut() -> None:
+    body = bytes([CLIENT_HELLO]) + (MAX_CLIENT_HELLO + 1).to_bytes(3, "big")
+    reader = Reader()
+    for byte in body[:-1]:
+        assert reader.feed(bytes([22, 3, 1, 0, 1, byte])) is None
+    with pytest.raises(ValueError, match="a ClientHello of"):
+        reader.feed(bytes([22, 3, 1, 0, 1, body[-1]]))
