@@ -173,6 +173,11 @@ class ControlLoop(ABC):
                     origin = status_origin(address, self._given_status, self._configs())
                     sockets = self._status_sockets.setdefault(address, [])
                     addresses[f"status {address}"] = await start_status(helpers, address, respond, origin, sockets)
+                for address in set(self._status_sockets) - set(self.status_addresses):
+                    # Handed over by an upgrade for a status address the configuration no
+                    # longer has: close it, or its clients would wait for an answer forever.
+                    for sock in self._status_sockets.pop(address):
+                        sock.close()
                 async with trio.open_nursery() as serving:
                     addresses.update(await self._start(serving, helpers))
                     helpers.start_soon(self._watch_signals, signals)

@@ -384,3 +384,31 @@ def test_the_new_process_tells_systemd_it_is_the_main_process(
         assert not any(b"STOPPING=1" in m for m in later), "the old process must not say the service stops"
     finally:
         notify.close()
+
+
+def test_a_status_address_the_new_configuration_dropped_is_closed_not_left_hanging(
+    pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget, pids: Pids
+) -> None:
+    """The old process hands over its status sockets too. One for a status address the
+    new configuration no longer has was kept open and never served: a client's connect
+    succeeded and its request waited forever (found in review). Now it is closed."""
+    port, status = free_port(), free_port()
+    pidfile = tmp_path / "tunnel.pid"
+    doc = server_doc(pki_files, target.address, listen=f"127.0.0.1:{port}", status=f"127.0.0.1:{status}")
+    path = write_yaml(tmp_path / "edge.yaml", doc)
+    daemon = DaemonProcess(tmp_path, "--pidfile", str(pidfile), str(path), watch_interval=0)
+    daemons.append(daemon)
+    daemon.wait_for("ready tunnels=1")
+    del doc["status"]
+    write_yaml(path, doc)
+    daemon.signal(signal.SIGUSR2)
+    wait_until(lambda: read_pid(pidfile) not in (None, daemon.process.pid), "a new pid")
+    new = read_pid(pidfile)
+    assert new is not None
+    pids.seen.append(new)
+    assert daemon.process.wait(timeout=10) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", status), timeout=2).close()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:  # the tunnel goes on
+        with pki_files.client_context("app1").wrap_socket(raw, server_hostname="localhost") as tls:
+            assert echo_once(tls, b"still") == b"still"
