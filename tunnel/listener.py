@@ -312,18 +312,34 @@ HANDED_DOWN = "TUNNEL_LISTEN_FDS"  # a supervisor's sockets for one worker: "FD=
 _KEEP = "/keep"  # "FD/keep=ADDRESS": adopt it with keep (a socket systemd passed)
 
 
+def address_item(address: Address) -> str:
+    """`address` as an item of a comma-separated list (HANDED_DOWN and its kin): "%" and ","
+    percent-encoded, so that a unix: path with a comma in it survives the list."""
+    return str(address).replace("%", "%25").replace(",", "%2C")
+
+
+def address_of_item(item: str) -> Address:
+    """The Address an `address_item` wrote. ValueError for a malformed one."""
+    from urllib.parse import unquote
+
+    from tunnel.config import parse_address
+
+    return parse_address(unquote(item))
+
+
 def handed_down(sockets: dict[Address, socket.socket], kept: Collection[Address] = ()) -> str:
     """The value of HANDED_DOWN that tells a worker which inherited descriptor serves
     which listen address (and which of them to keep open while unused: `kept`)."""
-    return ",".join(f"{sock.fileno()}{_KEEP if address in kept else ''}={address}" for address, sock in sockets.items())
+    return ",".join(
+        f"{sock.fileno()}{_KEEP if address in kept else ''}={address_item(address)}"
+        for address, sock in sockets.items()
+    )
 
 
 def adopt_handed_down(listeners: Listeners, value: str) -> None:
     """Adopt the sockets a supervisor handed down (HANDED_DOWN's value) into `listeners`.
     ValueError for a malformed value."""
-    from tunnel.config import parse_address
-
     for item in filter(None, value.split(",")):
         fd, _, address = item.partition("=")
         keep = fd.endswith(_KEEP)
-        listeners.adopt(parse_address(address), socket.socket(fileno=int(fd.removesuffix(_KEEP))), keep=keep)
+        listeners.adopt(address_of_item(address), socket.socket(fileno=int(fd.removesuffix(_KEEP))), keep=keep)

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from tunnel.config import Address, parse_address
-from tunnel.listener import HANDED_DOWN
+from tunnel.config import Address
+from tunnel.listener import HANDED_DOWN, address_item, address_of_item
 from tunnel.ticket_keys import PassedSecret, pass_secret
 
 UPGRADE_CHANNEL = "TUNNEL_UPGRADE_FD"  # the new process's end of the private readiness channel
@@ -62,7 +62,7 @@ def restart_command(argv: Sequence[str] | None = None, executable: str | None = 
 
 
 def _fd_list(sockets: Sequence[tuple[Address, socket.socket]]) -> str:
-    return ",".join(f"{sock.fileno()}={address}" for address, sock in sockets)
+    return ",".join(f"{sock.fileno()}={address_item(address)}" for address, sock in sockets)
 
 
 def _parse_fd_list(value: str) -> list[tuple[Address, socket.socket]]:
@@ -75,7 +75,7 @@ def _parse_fd_list(value: str) -> list[tuple[Address, socket.socket]]:
         number = int(fd)
         if number not in made:
             made[number] = socket.socket(fileno=number)
-        found.append((parse_address(address), made[number]))
+        found.append((address_of_item(address), made[number]))
     return found
 
 
@@ -108,7 +108,7 @@ def handover(
         HANDED_DOWN: _fd_list(listening),
         HANDED_STATUS: _fd_list(status),
         UPGRADE_CHANNEL: str(channel.fileno()),
-        HANDED_KEPT: ",".join(str(address) for address in kept),
+        HANDED_KEPT: ",".join(address_item(address) for address in kept),
     }
     fds = [sock.fileno() for _, sock in [*listening, *status]] + [channel.fileno()]
     if secret is not None:
@@ -135,7 +135,7 @@ class TakeOver:
         fd = environ.pop(UPGRADE_CHANNEL, None)
         listening = environ.pop(HANDED_DOWN, "")
         status_value = environ.pop(HANDED_STATUS, "")
-        kept = {parse_address(item) for item in environ.pop(HANDED_KEPT, "").split(",") if item}
+        kept = {address_of_item(item) for item in environ.pop(HANDED_KEPT, "").split(",") if item}
         if fd is None:
             return None
         status: dict[Address, list[socket.socket]] = {}

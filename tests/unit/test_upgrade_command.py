@@ -6,7 +6,9 @@ import socket
 import sys
 from pathlib import Path
 
-from tunnel.upgrade import TakeOver, restart_command
+from tunnel.config import Address
+from tunnel.listener import Listeners, adopt_handed_down, handed_down
+from tunnel.upgrade import TakeOver, handover, restart_command
 
 
 def test_python_dash_m_is_started_again_with_its_interpreter_and_options() -> None:
@@ -65,3 +67,32 @@ def test_an_ordinary_start_is_no_takeover_and_a_takeover_leaves_nothing_for_work
     takeover.channel.close()
     for _, sock in takeover.listening:
         sock.close()
+
+
+def test_a_unix_path_with_a_comma_survives_the_hand_over_lists(tmp_path: Path) -> None:
+    """HANDED_DOWN, HANDED_STATUS and HANDED_KEPT are comma-separated lists: an address
+    is written percent-encoded, so that a unix: path with a comma in it comes out whole
+    (it made the new process fail with ValueError: found in review)."""
+    odd = Address(path=str(tmp_path / "a,b%2C.sock"))
+    plain = Address(host="127.0.0.1", port=6380)
+    ours, theirs = socket.socketpair()
+    one, two = socket.socket(), socket.socket()
+    try:
+        given = handover([(odd, one), (plain, two)], [], theirs, kept=[odd])
+        environ = dict(given.env)
+        takeover = TakeOver.from_environ(environ)
+        assert takeover is not None
+        for _, sock in takeover.listening:  # the same descriptors as ours: not closed twice
+            sock.detach()
+        takeover.channel.detach()
+        assert [address for address, _ in takeover.listening] == [odd, plain]
+        assert takeover.kept == {odd}
+        listeners = Listeners()
+        adopt_handed_down(listeners, handed_down({odd: one}, kept=[odd]))
+        for _, sock in listeners.items():
+            sock.detach()
+        assert odd in listeners
+        assert listeners.kept() == {odd}
+    finally:
+        for sock in (ours, theirs, one, two):
+            sock.close()
