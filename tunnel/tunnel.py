@@ -306,6 +306,10 @@ class Tunnel:
         source = source_key(address) if tcp else None
         while (ticket := self.gate.admit(source, trio.current_time(), handshake=True)) is None:
             await self.gate.wait_for_room(handshake=True, displace=tcp)
+        if not self.listening:  # stopped (a reload removed it) while the socket waited for room
+            if not isinstance(ticket, str):
+                self.gate.release(ticket)
+            return False
         if isinstance(ticket, str):
             self._shed(sock, address, source, ticket)
         else:
