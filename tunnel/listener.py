@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any, Protocol
 
 import trio
@@ -327,19 +327,39 @@ def address_of_item(item: str) -> Address:
     return parse_address(unquote(item))
 
 
+def fd_list(sockets: Iterable[tuple[Address, socket.socket]], kept: Collection[Address] = ()) -> str:
+    """Inherited descriptors named for a child process: "FD=ADDRESS,...", and
+    "FD/keep=ADDRESS" for the addresses in `kept` (sockets systemd passed, to be kept
+    open while unused). An address may appear several times (a supervisor's, one per
+    worker, in an upgrade)."""
+    return ",".join(
+        f"{sock.fileno()}{_KEEP if address in kept else ''}={address_item(address)}" for address, sock in sockets
+    )
+
+
+def parse_fd_list(value: str) -> list[tuple[Address, socket.socket, bool]]:
+    """What `fd_list` wrote: (address, socket, kept) in its order. A descriptor named twice
+    (a socket systemd passed, which every worker shares) is one socket object, so closing
+    it once closes it. ValueError for a malformed value."""
+    found = []
+    made: dict[int, socket.socket] = {}
+    for item in filter(None, value.split(",")):
+        fd, _, address = item.partition("=")
+        number = int(fd.removesuffix(_KEEP))
+        if number not in made:
+            made[number] = socket.socket(fileno=number)
+        found.append((address_of_item(address), made[number], fd.endswith(_KEEP)))
+    return found
+
+
 def handed_down(sockets: dict[Address, socket.socket], kept: Collection[Address] = ()) -> str:
     """The value of HANDED_DOWN that tells a worker which inherited descriptor serves
     which listen address (and which of them to keep open while unused: `kept`)."""
-    return ",".join(
-        f"{sock.fileno()}{_KEEP if address in kept else ''}={address_item(address)}"
-        for address, sock in sockets.items()
-    )
+    return fd_list(sockets.items(), kept)
 
 
 def adopt_handed_down(listeners: Listeners, value: str) -> None:
     """Adopt the sockets a supervisor handed down (HANDED_DOWN's value) into `listeners`.
     ValueError for a malformed value."""
-    for item in filter(None, value.split(",")):
-        fd, _, address = item.partition("=")
-        keep = fd.endswith(_KEEP)
-        listeners.adopt(address_of_item(address), socket.socket(fileno=int(fd.removesuffix(_KEEP))), keep=keep)
+    for address, sock, keep in parse_fd_list(value):
+        listeners.adopt(address, sock, keep=keep)

@@ -36,12 +36,11 @@ from dataclasses import dataclass, field
 import trio
 
 from tunnel.config import Address
-from tunnel.listener import HANDED_DOWN, address_item, address_of_item
+from tunnel.listener import HANDED_DOWN, fd_list, parse_fd_list
 from tunnel.ticket_keys import PassedSecret, pass_secret
 
 UPGRADE_CHANNEL = "TUNNEL_UPGRADE_FD"  # the new process's end of the private readiness channel
 HANDED_STATUS = "TUNNEL_STATUS_FDS"  # the status addresses' sockets: "FD=ADDRESS,..."
-HANDED_KEPT = "TUNNEL_KEPT_ADDRESSES"  # addresses whose sockets systemd passed: "ADDRESS,..."
 READY_TIMEOUT = 30.0  # seconds the new process has to report ready
 READY = b"READY=1"
 GO = b"GO"
@@ -59,24 +58,6 @@ def restart_command(argv: Sequence[str] | None = None, executable: str | None = 
     if rest and not rest[0].startswith("-") and os.path.isfile(rest[0]) and os.access(rest[0], os.X_OK):
         return rest
     return [executable, *rest]
-
-
-def _fd_list(sockets: Sequence[tuple[Address, socket.socket]]) -> str:
-    return ",".join(f"{sock.fileno()}={address_item(address)}" for address, sock in sockets)
-
-
-def _parse_fd_list(value: str) -> list[tuple[Address, socket.socket]]:
-    """ValueError for a malformed value. A descriptor named twice (a socket systemd passed,
-    which every worker shares) is one socket object: closing it once closes it."""
-    found = []
-    made: dict[int, socket.socket] = {}
-    for item in filter(None, value.split(",")):
-        fd, _, address = item.partition("=")
-        number = int(fd)
-        if number not in made:
-            made[number] = socket.socket(fileno=number)
-        found.append((address_of_item(address), made[number]))
-    return found
 
 
 @dataclass
@@ -100,15 +81,14 @@ def handover(
     `listening`: the tunnels' sockets (HANDED_DOWN, "FD=ADDRESS,..."; an address appears
     once per worker with `--workers N`, in worker order); `status`: the status addresses'
     sockets (HANDED_STATUS); `channel`: the new process's end of the readiness channel
-    (UPGRADE_CHANNEL); `kept`: the addresses whose sockets systemd passed (HANDED_KEPT:
+    (UPGRADE_CHANNEL); `kept`: the addresses whose sockets systemd passed (marked FD/keep in HANDED_DOWN:
     the new process keeps them open and never unlinks their files either); `secret`: the
     session tickets' master secret through a pipe (tunnel/ticket_keys.py), so sessions
     resume across the upgrade."""
     env = {
-        HANDED_DOWN: _fd_list(listening),
-        HANDED_STATUS: _fd_list(status),
+        HANDED_DOWN: fd_list(listening, kept),
+        HANDED_STATUS: fd_list(status),
         UPGRADE_CHANNEL: str(channel.fileno()),
-        HANDED_KEPT: ",".join(address_item(address) for address in kept),
     }
     fds = [sock.fileno() for _, sock in [*listening, *status]] + [channel.fileno()]
     if secret is not None:
@@ -124,7 +104,7 @@ class TakeOver:
     listening: list[tuple[Address, socket.socket]]
     status: dict[Address, list[socket.socket]]
     channel: socket.socket
-    kept: set[Address] = field(default_factory=set)  # systemd's sockets (HANDED_KEPT)
+    kept: set[Address] = field(default_factory=set)  # systemd's sockets (marked /keep)
 
     @classmethod
     def from_environ(cls, environ: MutableMapping[str, str] | None = None) -> TakeOver | None:
@@ -135,14 +115,19 @@ class TakeOver:
         fd = environ.pop(UPGRADE_CHANNEL, None)
         listening = environ.pop(HANDED_DOWN, "")
         status_value = environ.pop(HANDED_STATUS, "")
-        kept = {address_of_item(item) for item in environ.pop(HANDED_KEPT, "").split(",") if item}
         if fd is None:
             return None
         status: dict[Address, list[socket.socket]] = {}
-        for address, sock in _parse_fd_list(status_value):
+        for address, sock, _ in parse_fd_list(status_value):
             status.setdefault(address, []).append(sock)
         channel = socket.socket(fileno=int(fd))
-        return cls(listening=_parse_fd_list(listening), status=status, channel=channel, kept=kept)
+        handed = parse_fd_list(listening)
+        return cls(
+            listening=[(address, sock) for address, sock, _ in handed],
+            status=status,
+            channel=channel,
+            kept={address for address, _, keep in handed if keep},
+        )
 
     def addresses(self) -> set[Address]:
         """The tunnel addresses handed over."""

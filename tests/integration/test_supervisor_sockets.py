@@ -47,5 +47,5 @@ def test_a_supervisor_hands_systemds_socket_to_its_workers_and_on_even_with_no_t
     finally:
         systemds.close()
     assert kept == {kept_address}
-    assert kept_address in handed, "named kept in HANDED_KEPT, but its socket is not handed over"
+    assert kept_address in handed, "named kept, but its socket is not handed over"
     assert all(given), f"workers given systemd's socket: {given}"

@@ -70,7 +70,7 @@ def test_an_ordinary_start_is_no_takeover_and_a_takeover_leaves_nothing_for_work
 
 
 def test_a_unix_path_with_a_comma_survives_the_hand_over_lists(tmp_path: Path) -> None:
-    """HANDED_DOWN, HANDED_STATUS and HANDED_KEPT are comma-separated lists: an address
+    """HANDED_DOWN and HANDED_STATUS are comma-separated lists: an address
     is written percent-encoded, so that a unix: path with a comma in it comes out whole
     (it made the new process fail with ValueError: found in review)."""
     odd = Address(path=str(tmp_path / "a,b%2C.sock"))
