@@ -246,7 +246,10 @@ def test_issue_with_a_key_password_writes_an_encrypted_pkcs8_key(ca_dir: Path, k
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     with pytest.raises(TypeError, match="encrypted"):
         serialization.load_pem_private_key(pem, password=None)
-    with pytest.raises(ValueError, match="password"):
+    # A wrong password is refused with ValueError. Its message is not fixed: about one
+    # wrong password in 256 decrypts to valid CBC padding, and then the garbage fails as
+    # ASN.1 ("invalid length") instead of "Bad decrypt. Incorrect password?".
+    with pytest.raises(ValueError):
         serialization.load_pem_private_key(pem, password=b"wrong")
     key = serialization.load_pem_private_key(pem, password=b"s3cret")
     assert key.public_key() == load_cert(crt).public_key()
