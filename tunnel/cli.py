@@ -560,7 +560,7 @@ def run(
     """
     import trio
 
-    from tunnel import logs
+    from tunnel import fd_limit, logs
     from tunnel.daemon import Daemon, build_states
     from tunnel.ticket_keys import SecretError, process_secret
 
@@ -574,6 +574,7 @@ def run(
     count = workers if workers is not None else max(config.workers for config in configs)
     # With several processes every line says which one wrote it.
     logs.setup(log_format, f"worker={worker}" if worker is not None else "supervisor" if count > 1 else None)
+    fd_limit.ensure(configs)  # two descriptors per connection: the soft limit up to the hard one
     states = build_states(configs)
     from tunnel.upgrade import TakeOver
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from tunnel import fd_limit
 from tunnel.config import Address, ConfigError, TunnelConfig, load_paths
 from tunnel.control import ControlLoop
 from tunnel.listener import Listeners
@@ -262,6 +263,7 @@ class Daemon(ControlLoop):
             states = await trio.to_thread.run_sync(load_states, self.paths)
         except ConfigError as exc:
             return str(exc)
+        fd_limit.ensure(state.config for state in states.values())  # says so if a cap grew past the limit
         current = {tunnel.name: tunnel for tunnel in self.tunnels}
         plan = plan_reload(
             {name: tunnel.state.config for name, tunnel in current.items()},
