@@ -574,7 +574,8 @@ def run(
     count = workers if workers is not None else max(config.workers for config in configs)
     # With several processes every line says which one wrote it.
     logs.setup(log_format, f"worker={worker}" if worker is not None else "supervisor" if count > 1 else None)
-    fd_limit.ensure(configs)  # two descriptors per connection: the soft limit up to the hard one
+    fd_limit.raise_to_hard_limit()  # two descriptors per connection: the soft limit up to the hard one
+    configs = fd_limit.fit(configs)  # and max_connections lowered if even that is short
     states = build_states(configs)
     from tunnel.upgrade import TakeOver
 

@@ -54,7 +54,8 @@ def build_states(configs: Sequence[TunnelConfig]) -> list[TunnelState]:
 def load_states(paths: Sequence[Path]) -> dict[str, TunnelState]:
     """Read every tunnel file and build every state, by tunnel name: all the file reading
     and parsing of a reload, with no trio in it, so that it can run in a worker thread."""
-    return {state.config.name: state for state in build_states(load_paths(paths))}
+    configs = fd_limit.fit(load_paths(paths))  # max_connections within the file descriptor limit
+    return {state.config.name: state for state in build_states(configs)}
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,6 @@ class Daemon(ControlLoop):
             states = await trio.to_thread.run_sync(load_states, self.paths)
         except ConfigError as exc:
             return str(exc)
-        fd_limit.ensure(state.config for state in states.values())  # says so if a cap grew past the limit
         current = {tunnel.name: tunnel for tunnel in self.tunnels}
         plan = plan_reload(
             {name: tunnel.state.config for name, tunnel in current.items()},

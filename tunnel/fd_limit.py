@@ -6,16 +6,18 @@ so a tunnel with `limits.max_connections: 10000` needs about 20,000. The soft li
 process starts with is often 1,024 (a login shell; systemd's default `LimitNOFILE=` is
 1024:524288), far below; the hard limit is usually much higher, and any process may raise
 its soft limit up to its hard limit (getrlimit(2), "RLIMIT_NOFILE"). `tunnel run` does so
-at start, and says so in its log when even the hard limit is short of what the
-configuration asks for: then accept(2) fails with EMFILE at the cap, and the tunnel
-retries later (see `listener`), instead of serving up to `max_connections`.
+at start (`raise_to_hard_limit`). When even that is short of what the configuration asks
+for, `fit` lowers the caps to what fits, and says so in the log: a connection past the cap
+then waits in the kernel's backlog, rather than being accepted and closed when its dial
+fails with EMFILE.
 """
 
 from __future__ import annotations
 
 import logging
 import resource
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from tunnel import logs
 from tunnel.config import TunnelConfig
@@ -45,24 +47,51 @@ def raise_to_hard_limit() -> tuple[int, int]:
     return soft, hard
 
 
-def ensure(configs: Iterable[TunnelConfig]) -> int:
-    """At start: raise the soft limit (`raise_to_hard_limit`) and log a warning when it is
-    below `needed(configs)`. Returns the soft limit."""
+def fit(configs: Sequence[TunnelConfig]) -> list[TunnelConfig]:
+    """The tunnels' configurations with limits.max_connections lowered, each in proportion,
+    so that two descriptors per connection fit under the current soft limit (the other caps
+    lowered with it where they exceed it). Unchanged when they fit. When they do not, a
+    warning is logged: a connection past the lowered cap then waits in the kernel's
+    backlog, as at max_connections, instead of being accepted and failing when its dial
+    finds no descriptor (EMFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = needed(configs)
-    soft, hard = raise_to_hard_limit()
-    if soft != resource.RLIM_INFINITY and soft < need:
-        logs.event(
-            logging.WARNING,
-            "fd_limit_low",
-            "file descriptor limit %d (hard limit %d) is below the %d that limits.max_connections "
-            "needs (2 per connection): connections past about %d wait for a free descriptor; "
-            "raise it with LimitNOFILE= (systemd) or ulimit -n",
-            soft,
-            hard,
-            need,
-            max(soft - SPARE, 0) // 2,
-            limit=soft,
-            hard_limit=hard,
-            needed=need,
-        )
-    return soft
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return list(configs)
+    share = max(soft - SPARE, 0) / (need - SPARE)
+    fitted = [_with_cap(config, max(1, int(config.limits.max_connections * share))) for config in configs]
+    caps = ", ".join(f"{config.name} {config.limits.max_connections}" for config in fitted)
+    logs.event(
+        logging.WARNING,
+        "fd_limit_low",
+        "file descriptor limit %d (hard limit %d) is below the %d that limits.max_connections needs "
+        "(2 per connection): max_connections lowered to fit (%s); raise the limit with LimitNOFILE= "
+        "(systemd) or ulimit -Hn",
+        soft,
+        hard,
+        need,
+        caps,
+        limit=soft,
+        hard_limit=hard,
+        needed=need,
+        max_connections={config.name: config.limits.max_connections for config in fitted},
+    )
+    return fitted
+
+
+def _with_cap(config: TunnelConfig, cap: int) -> TunnelConfig:
+    limits = config.limits
+    if cap >= limits.max_connections:
+        return config
+    max_handshakes = min(limits.max_handshakes, cap)
+    return replace(
+        config,
+        limits=replace(
+            limits,
+            max_connections=cap,
+            max_handshakes=max_handshakes,
+            per_source_handshakes=min(limits.per_source_handshakes, max_handshakes),
+            per_source_connections=min(limits.per_source_connections, cap),
+            per_identity_connections=min(limits.per_identity_connections, cap),
+        ),
+    )

@@ -4,6 +4,10 @@ need, and says so when the hard limit is short: real processes started under prl
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.helpers import PKI, free_port, server_doc, write_yaml
@@ -46,22 +50,64 @@ def test_a_tunnel_started_with_a_low_soft_limit_serves_past_it(pki_files: PKI, t
         target.close()
 
 
-def test_a_hard_limit_short_of_max_connections_is_logged(pki_files: PKI, tmp_path: Path) -> None:
-    """A hard limit of 256 cannot hold limits.max_connections: 1024 (2 descriptors each): the
-    log says so at start, with the numbers and how to raise it; the tunnel still serves."""
+def test_past_a_short_hard_limit_connections_wait_instead_of_failing(pki_files: PKI, tmp_path: Path) -> None:
+    """A hard limit of 256 descriptors cannot hold limits.max_connections: 1024 (2 each): the
+    tunnel lowers its cap to what fits (96) and says so; the 97th to 130th clients wait in
+    the backlog and are served as earlier ones leave. Before, the tunnel accepted them and
+    closed one at about 120 when its dial to the target failed with EMFILE."""
     target = EchoTarget()
     port = free_port()
     doc = server_doc(pki_files, target.address, listen=f"127.0.0.1:{port}")
-    daemon = DaemonProcess(tmp_path, str(write_yaml(tmp_path / "s.yaml", doc)), wrapper=["prlimit", "--nofile=256:256"])
+    tunnel_file = str(write_yaml(tmp_path / "s.yaml", doc))
+    daemon = DaemonProcess(tmp_path, tunnel_file, wrapper=["prlimit", "--nofile=256:256"])
+    total, fits = 130, 96
+    served: list[int] = []
+    failed: list[str] = []
+    leave = [threading.Event() for _ in range(total)]
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        try:
+            with tls_client(pki_files, port, "app1", timeout=30) as sock:
+                got = echo_once(sock, f"{i}".encode())
+                with lock:
+                    if got == f"{i}".encode():
+                        served.append(i)
+                    else:
+                        failed.append(f"{i}: closed" if not got else f"{i}: wrong echo")
+                leave[i].wait(30)
+        except OSError as exc:
+            with lock:
+                failed.append(f"{i}: {exc}")
+
     try:
         log = daemon.wait_for("ready tunnels=1")
         assert (
             "file descriptor limit 256 (hard limit 256) is below the 2112 that limits.max_connections needs "
-            "(2 per connection): connections past about 96 wait for a free descriptor; "
-            "raise it with LimitNOFILE= (systemd) or ulimit -n"
+            "(2 per connection): max_connections lowered to fit (s 96); raise the limit with LimitNOFILE= "
+            "(systemd) or ulimit -Hn"
         ) in log
-        with tls_client(pki_files, port, "app1", timeout=10) as client:
-            assert echo_once(client, b"still serving") == b"still serving"
+        with ThreadPoolExecutor(total) as pool:
+            for i in range(total):
+                pool.submit(client, i)
+            _wait(lambda: len(served) + len(failed) >= fits)
+            time.sleep(0.5)
+            assert (len(served), failed) == (fits, []), "the cap that fits is served, the rest wait"
+            for i in list(served)[: total - fits]:
+                leave[i].set()
+            _wait(lambda: len(served) + len(failed) >= total)
+            assert failed == []
+            for event in leave:
+                event.set()
     finally:
+        for event in leave:
+            event.set()
         daemon.stop()
         target.close()
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
