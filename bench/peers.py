@@ -300,13 +300,19 @@ def tunnel_has_workers(python: str) -> bool:
     return "--workers" in out.stdout
 
 
+# The same connection cap for every peer, above the scale measure's 10,000 held connections:
+# tunnel `limits.max_connections`, nginx `worker_connections` (which counts the upstream side
+# too), HAProxy `maxconn`; stunnel4 has no such setting (its cap follows the file limit,
+# which bench/run.py raises for every process it starts).
+CONNECTION_CAP = 12_000
+
 # Our tunnel: generous limits so that they never throttle the benchmark, a short drain.
 _TUNNEL_LIMITS = {
     "handshake_timeout": "10s",
     "connect_timeout": "5s",
-    "max_connections": 4096,
+    "max_connections": CONNECTION_CAP,
     "max_handshakes": 4096,
-    "per_source": {"handshakes": 4096, "connections": 4096},  # every load generator is one source
+    "per_source": {"handshakes": 4096, "connections": CONNECTION_CAP},  # every load generator is one source
     "drain_timeout": "1s",
 }
 
@@ -375,11 +381,11 @@ def _nginx(setup: Setup, port: int, target: int, workers: int) -> list[str]:
     text = f"""\
 load_module {NGINX_STREAM_MODULE};
 {user}worker_processes 2;
-worker_rlimit_nofile 20000;
+worker_rlimit_nofile {4 * CONNECTION_CAP};
 daemon off;
 pid {d}/nginx-{port}.pid;
 error_log stderr warn;
-events {{ worker_connections 8192; }}
+events {{ worker_connections {2 * CONNECTION_CAP}; }}
 stream {{
     log_format conn '$remote_addr:$remote_port [$time_local] $status $bytes_received $bytes_sent '
                     '$session_time "$ssl_client_s_dn" $ssl_session_reused';
@@ -410,7 +416,7 @@ def _haproxy(setup: Setup, port: int, target: int, workers: int) -> list[str]:
     pem.write_bytes(p.crt("server").read_bytes() + p.key("server").read_bytes())
     text = f"""\
 global
-    maxconn 9000
+    maxconn {CONNECTION_CAP}
     nbthread {os.cpu_count() or 1}
     log stdout format raw local0 info
 

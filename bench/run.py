@@ -5,7 +5,7 @@ in alternating runs (ours, stunnel4, ..., ours, stunnel4, ...), medians quoted.
     make bench-smoke    # everything once with tiny sizes; writes build/bench/
     .venv-bench/bin/python bench/run.py [--quick] [--only NAME]... [--rounds N] [--out DIR]
 
-Measures (names for --only): bulk, handshake, latency, memory, redis, pgbench. See bench/README.md
+Measures (names for --only): bulk, handshake, latency, memory, scale, redis, pgbench. See bench/README.md
 for what each number means. Every process the run starts is stopped when it ends, however
 it ends; the logs of all of them are kept in build/bench/logs/.
 """
@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -53,7 +54,11 @@ from report import Results, machine_info, write_report  # noqa: E402
 
 from tests.helpers import make_pki  # noqa: E402
 
-MEASURES = ("bulk", "handshake", "latency", "memory", "redis", "pgbench")
+MEASURES = ("bulk", "handshake", "latency", "memory", "scale", "redis", "pgbench")
+SCALE_PEERS = ("tunnel", "stunnel4")
+# Descriptors every process the run starts may open: a server holding 10,000 relayed
+# connections needs 20,000 and more (bench/run.py raises its own limit; children inherit it).
+FILE_LIMIT = 65536
 BUILD = ROOT / "build" / "bench"
 
 # What the run needs from Debian: a command (or file) → the package that provides it.
@@ -85,12 +90,14 @@ class Settings:
     redis_clients: int
     pgbench_seconds: int
     pgbench_clients: int
+    scale_total: int  # idle authenticated connections held by the scale measure
+    scale_seconds: float  # each handshake-latency run of the scale measure
 
     @classmethod
     def make(cls, quick: bool, rounds: int | None) -> Settings:
         if quick:
-            return cls(True, rounds or 1, 16, 0.5, 16, 300, 64, 50, 2000, 20, 2, 8)
-        return cls(False, rounds or 5, 512, 6.0, 50, 5000, 64, 1000, 50000, 20, 8, 8)
+            return cls(True, rounds or 1, 16, 0.5, 16, 300, 64, 50, 2000, 20, 2, 8, 300, 1.0)
+        return cls(False, rounds or 5, 512, 6.0, 50, 5000, 64, 1000, 50000, 20, 8, 8, 10_000, 4.0)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -328,7 +335,69 @@ class Bench:
             self.results.add("mem_idle_mib", peer, idle / 1024)
             self.say(f"memory {peer}: idle {idle / 1024:.1f} MiB, {per_conn:.1f} KiB per connection")
 
-    # -- 5. redis
+    # -- 5. scale
+
+    def handshake_latency(self, port: int) -> dict[str, Any] | None:
+        """New clients one at a time (full handshake + 1-byte echo each): their latency;
+        None when not even the first could connect (a server at its cap)."""
+        seconds = str(self.settings.scale_seconds)
+        try:
+            return self.hsload("handshake", port, "--duration", seconds, "--conns", "1", pin=True)
+        except RuntimeError as exc:
+            self.say(f"scale: no new connection was served: {str(exc).splitlines()[-1]}")
+            return None
+
+    def scale(self, rnd: int) -> None:
+        """Hold scale_total idle authenticated connections at a server: how many it took,
+        the memory each costs, and the handshake latency of new clients while they are held
+        against the same with none held (issue 18). Each held connection costs a server two
+        descriptors: when the hard file limit (which only a process with CAP_SYS_RESOURCE
+        can raise) is short of that, the tunnel runs --workers 2, each worker holding half."""
+        total = self.settings.scale_total
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        fits = hard == resource.RLIM_INFINITY or hard >= 2 * total + 100
+        tunnel_workers = 1 if fits or not self.workers else 2
+        for peer in SCALE_PEERS:
+            workers = tunnel_workers if peer == "tunnel" else 1
+            server = start_server(self.procs, self.setup, peer, self.echo_port, workers=workers)
+            holder = None
+            try:
+                self.release(self.hold(server.port, 20)[0])  # warm up, as for memory
+                before = self.handshake_latency(server.port)
+                time.sleep(1.0)
+                idle = rss_kib(server.proc.pid)
+                holder, r = self.hold(server.port, total)
+                time.sleep(1.0)
+                loaded = rss_kib(server.proc.pid)
+                during = self.handshake_latency(server.port)
+            finally:
+                if holder is not None:
+                    self.release(holder)
+                self.procs.stop(server.proc)
+            failed = total - r["held"]  # refused, reset or timed out (hsload hold starts each once)
+            per_conn = (loaded - idle) / max(r["held"], 1)
+            self.results.add("scale_held", peer, r["held"])
+            self.results.add("scale_failed", peer, failed)
+            self.results.add("scale_mem_per_conn_kib", peer, per_conn)
+            self.results.add("scale_hold_s", peer, r["seconds"])
+            self.results.add("scale_file_limit", peer, hard)
+            self.results.add("scale_workers", peer, workers)
+            for when, hs in (("none", before), ("held", during)):
+                if hs is not None:
+                    self.results.add(f"scale_hs_p50_{when}_ms", peer, hs["conn_p50_ms"])
+                    self.results.add(f"scale_hs_p99_{when}_ms", peer, hs["conn_p99_ms"])
+                    self.results.add(f"scale_hs_failed_{when}", peer, hs["errors"] + hs["timeouts"])
+
+            def latency(hs: dict[str, Any] | None) -> str:
+                return "none served" if hs is None else f"{hs['conn_p50_ms']:.2f}/{hs['conn_p99_ms']:.2f} ms"
+
+            self.say(
+                f"scale {server.name}: held {r['held']}/{total} in {r['seconds']:.0f} s, {failed} refused or "
+                f"failed, {per_conn:.1f} KiB per connection; new handshakes p50/p99 {latency(before)} with "
+                f"none held, {latency(during)} with {r['held']} held"
+            )
+
+    # -- 6. redis
 
     def redis(self, rnd: int, redis_port: int) -> None:
         for peer in (*PAIR_PEERS, TRIO_FLOOR, EPOLL_FLOOR, "direct"):
@@ -356,7 +425,7 @@ class Bench:
         wait_listening(self.procs.start("redis-server", argv), port)
         return port
 
-    # -- 6. pgbench
+    # -- 7. pgbench
 
     def pgbench(self, rnd: int, pg_port: int) -> None:
         """`pgbench -S` (select-only: one round trip per transaction) through a pair speaking
@@ -433,6 +502,17 @@ class Bench:
 PG_USER, PG_DATABASE = "bench", "bench"
 
 
+def raise_file_limit() -> None:
+    """RLIMIT_NOFILE to FILE_LIMIT for this process and so for every one it starts (as root;
+    otherwise the soft limit up to the hard one, and the scale measure may fall short)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FILE_LIMIT), max(hard, FILE_LIMIT)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        print(f"bench: the file limit stays at {hard} (not root): the scale measure may fall short", flush=True)
+
+
 def postgres_program(name: str) -> str:
     """Debian keeps PostgreSQL's programs in /usr/lib/postgresql/VERSION/bin (the newest)."""
     found = find(f"/usr/lib/postgresql/*/bin/{name}")
@@ -447,6 +527,7 @@ def run(args: argparse.Namespace) -> int:
     full = not args.quick and not args.only
     out = Path(args.out) if args.out else (ROOT / "docs" if full else BUILD)
     ensure_system_packages()
+    raise_file_limit()
     tools = build_tools()
     logs = BUILD / "logs"
     shutil.rmtree(logs, ignore_errors=True)
