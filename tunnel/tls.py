@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tunnel import postgres
 from tunnel.config import ConfigError, TLSConfig, TunnelConfig
-from tunnel.openssl import set_groups, set_max_cert_list
+from tunnel.openssl import build_own_chain, set_groups, set_max_cert_list
 from tunnel.outcomes import ssl_words
 from tunnel.passwords import read_password_file
 
@@ -74,6 +74,9 @@ def build_context(config: TunnelConfig) -> ssl.SSLContext:
         ctx.num_tickets = 1
     _load_identity(ctx, config.source, tls)
     _load_trust(ctx, config.source, tls)
+    # The chain sent after tls.cert, built from tls.ca once here rather than in every
+    # handshake (where that is possible; the same certificates either way).
+    build_own_chain(ctx)
     ctx.verify_mode = ssl.CERT_REQUIRED
     if config.protocol == "postgres":
         ctx.set_alpn_protocols([postgres.ALPN])  # required by PostgreSQL 17's direct TLS

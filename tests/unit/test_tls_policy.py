@@ -7,6 +7,7 @@ complete the same handshake) so that a test cannot pass merely because the probe
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import ssl
 import warnings
@@ -31,6 +32,8 @@ from tests.helpers import (
 )
 from tunnel import pki
 from tunnel.config import ConfigError, TunnelConfig, load_file
+from tunnel.openssl import SSL_CTRL_GET_CHAIN_CERTS, libssl, ssl_ctx_pointer
+from tunnel.streams import _chain_der
 from tunnel.tls import build_context
 from tunnel.trust import EXPIRY_WARNING, Trust, check_certificates, load_trust
 
@@ -782,3 +785,55 @@ def test_client_tunnel_refuses_a_server_certificate_list_past_the_bound(p: PKI, 
 
     assert not result.client_done
     assert "EXCESSIVE_MESSAGE_SIZE" in str(result.client_error)
+
+
+# -- the chain sent after the tunnel's own certificate -----------------------------------------
+
+
+def stored_chain_length(ctx: ssl.SSLContext) -> int:
+    """How many certificates the context holds as its certificate's chain (SSL_CTX_get0_chain_certs)."""
+    lib, handle = libssl(), ssl_ctx_pointer(ctx)
+    assert lib is not None
+    assert handle is not None
+    stack = ctypes.c_void_p()
+    assert lib.SSL_CTX_ctrl(handle, SSL_CTRL_GET_CHAIN_CERTS, 0, ctypes.byref(stack)) == 1
+    return int(lib.OPENSSL_sk_num(stack)) if stack.value else 0
+
+
+def test_the_chain_after_a_leaf_alone_is_built_once_with_the_context_and_sent_as_before(p: PKI) -> None:
+    """tls.cert holds the leaf alone: OpenSSL used to build the chain it sends from tls.ca in
+    every handshake; now the context holds it, and the peer receives the same certificates."""
+    server, client = build_context(server_config(p)), build_context(client_config(p))
+    auto = p.server_context()  # control: a stdlib context, whose chain OpenSSL builds per handshake
+    assert stored_chain_length(auto) == 0
+    sent_by_auto = _chain_der(handshake(plain_client(p), auto).client, "get_unverified_chain")
+
+    assert stored_chain_length(server) == 1
+    assert stored_chain_length(client) == 1
+    result = handshake(plain_client(p), server)
+    assert result.ok
+    assert _chain_der(result.client, "get_unverified_chain") == sent_by_auto == (der_of(p.crt("server")), der_of(p.ca))
+    result = handshake(client, server)
+    assert result.ok
+    assert _chain_der(result.server, "get_unverified_chain") == (der_of(p.crt("app1")), der_of(p.ca))
+
+
+def test_a_chain_in_the_certificate_file_is_sent_as_it_is(tmp_path: Path) -> None:
+    """tls.cert with its intermediate after the leaf (tunnel ca init --parent): that chain,
+    not one built from tls.ca (which would add the root)."""
+    root, issuing = tmp_path / "root", tmp_path / "issuing"
+    pki.init_ca(root, name="root CA")
+    pki.init_ca(issuing, name="issuing CA", parent=root)
+    pki.issue(issuing, "server", kind="server", dns=["localhost"])
+    pki.issue(issuing, "app1", kind="client")
+    p = PKI(dir=issuing, other=root)
+    server = build_context(server_config(p, tmp_path, ca=root / "ca.crt"))
+    assert stored_chain_length(server) == 1
+    client = plain_client(p)
+    client.load_verify_locations(cafile=str(root / "ca.crt"))
+
+    result = handshake(client, server)
+
+    assert result.ok
+    sent = (der_of(issuing / "server.crt"), der_of(issuing / "ca.crt"))
+    assert _chain_der(result.client, "get_unverified_chain") == sent
