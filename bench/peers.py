@@ -239,7 +239,8 @@ PAIR_PEERS = ("tunnel", "stunnel4")
 # For reference only (latency and redis): two bare trio forwarders, no TLS. See trio_forward.py.
 TRIO_FLOOR = "trio-floor"
 EPOLL_FLOOR = "epoll-floor"  # the same without trio: one select.epoll loop in plain CPython
-FLOORS = {TRIO_FLOOR: "trio_forward.py", EPOLL_FLOOR: "epoll_forward.py"}
+TRIO_TLS_FLOOR = "trio-tls-floor"  # trio's floor with mutual TLS between the two: a TLS tunnel's floor
+FLOORS = {TRIO_FLOOR: "trio_forward.py", TRIO_TLS_FLOOR: "trio_forward.py", EPOLL_FLOOR: "epoll_forward.py"}
 
 
 def start_server(
@@ -282,12 +283,19 @@ def start_pair(procs: Processes, setup: Setup, peer: str, target: int, *, protoc
 
 def _floor_pair(procs: Processes, setup: Setup, target: int, peer: str) -> Pair:
     """Two bare forwarders, plain TCP: trio's (bench/trio_forward.py), the event loop's
-    floor, or plain CPython's on select.epoll (bench/epoll_forward.py)."""
+    floor, or plain CPython's on select.epoll (bench/epoll_forward.py); trio's with mutual
+    TLS between the two (the same certificates as the tunnels'), a TLS tunnel's floor."""
     script = str(Path(__file__).resolve().parent / FLOORS[peer])
+    p = setup.pki
+    tls_server = [str(p.crt("server")), str(p.key("server")), str(p.ca)]
+    tls_client = [str(p.crt("app1")), str(p.key("app1")), str(p.ca)]
+    tls = peer == TRIO_TLS_FLOOR
     server_port, client_port = free_port(), free_port()
-    server = procs.start(f"{peer}-server", [setup.python, script, str(server_port), str(target)])
+    argv = [setup.python, script, str(server_port), str(target), *(["--tls-server", *tls_server] if tls else [])]
+    server = procs.start(f"{peer}-server", argv)
     wait_listening(server, server_port)
-    client = procs.start(f"{peer}-client", [setup.python, script, str(client_port), str(server_port)])
+    argv = [setup.python, script, str(client_port), str(server_port), *(["--tls-client", *tls_client] if tls else [])]
+    client = procs.start(f"{peer}-client", argv)
     wait_listening(client, client_port)
     return Pair(peer, client, server, client_port)
 

@@ -403,7 +403,10 @@ def markdown(results: Results, info: dict[str, Any]) -> str:
             "",
         ]
     table = _peer_table(
-        results, DIRECT_ROWS, ["direct", "epoll-floor", "trio-floor", "tunnel", "stunnel4"], ratios=False
+        results,
+        DIRECT_ROWS,
+        ["direct", "epoll-floor", "trio-floor", "trio-tls-floor", "tunnel", "stunnel4"],
+        ratios=False,
     )
     if table:
         out += [
@@ -415,6 +418,9 @@ def markdown(results: Results, info: dict[str, Any]) -> str:
             "event loop alone costs per relayed message, the floor under the tunnel's latency.",
             "`epoll-floor`: the same in plain CPython on one `select.epoll` loop, no trio",
             "(`bench/epoll_forward.py`): when it is no faster than `trio-floor`, the floor is Python's.",
+            "`trio-tls-floor`: the trio floor with mutual TLS between the two forwarders (the stdlib's",
+            "SSLObject over memory BIOs, the tunnel's certificates, nothing else): the floor of a TLS",
+            "tunnel on trio, which the `trio-floor` targets above leave out.",
             "",
             *table,
             "",

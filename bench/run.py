@@ -39,6 +39,7 @@ from peers import (  # noqa: E402
     PAIR_PEERS,
     SERVER_PEERS,
     TRIO_FLOOR,
+    TRIO_TLS_FLOOR,
     Proc,
     Processes,
     Setup,
@@ -255,7 +256,7 @@ class Bench:
 
     def latency(self, rnd: int) -> None:
         ping = ["--rounds", str(self.settings.latency_rounds), "--size", str(self.settings.latency_size)]
-        for peer in (*PAIR_PEERS, TRIO_FLOOR, EPOLL_FLOOR, "direct"):
+        for peer in (*PAIR_PEERS, TRIO_FLOOR, TRIO_TLS_FLOOR, EPOLL_FLOOR, "direct"):
             pair = None if peer == "direct" else start_pair(self.procs, self.setup, peer, self.echo_port)
             try:
                 port = self.echo_port if pair is None else pair.port
@@ -400,7 +401,7 @@ class Bench:
     # -- 6. redis
 
     def redis(self, rnd: int, redis_port: int) -> None:
-        for peer in (*PAIR_PEERS, TRIO_FLOOR, EPOLL_FLOOR, "direct"):
+        for peer in (*PAIR_PEERS, TRIO_FLOOR, TRIO_TLS_FLOOR, EPOLL_FLOOR, "direct"):
             pair = None if peer == "direct" else start_pair(self.procs, self.setup, peer, redis_port)
             try:
                 port = redis_port if pair is None else pair.port
@@ -433,7 +434,7 @@ class Bench:
         the application in plaintext (sslmode=disable: stunnel's client does not answer an
         application's SSLRequest). Transactions per second, initial connections excluded."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"PGSSLMODE": "disable"}
-        for peer in (*PAIR_PEERS, TRIO_FLOOR, EPOLL_FLOOR, "direct"):
+        for peer in (*PAIR_PEERS, TRIO_FLOOR, TRIO_TLS_FLOOR, EPOLL_FLOOR, "direct"):
             pair = None if peer == "direct" else start_pair(self.procs, self.setup, peer, pg_port, protocol="postgres")
             try:
                 port = pg_port if pair is None else pair.port

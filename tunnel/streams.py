@@ -42,6 +42,7 @@ import os
 import socket
 import ssl
 import struct
+from typing import Protocol
 
 import trio
 
@@ -245,6 +246,10 @@ class TLSStream(_SocketIO):
             server_hostname=server_hostname,
             session=session,
         )
+        # The _ssl object under SSLObject: the relay's read, write and pending go to it
+        # straight, without ssl.py's wrapper method per call (SSLObject is a thin shell
+        # over it, the same object since Python 3.7).
+        self._tls: _RawTLS = getattr(self.ssl, "_sslobj", None) or self.ssl  # type: ignore[assignment]
         self._overflow = bytearray()
         self._eof_received = False
         self._eof_sent = False
@@ -357,7 +362,7 @@ class TLSStream(_SocketIO):
         limit = min(max_bytes, RECEIVE_SIZE)
         total = 0
         incoming = self._incoming
-        tls = self.ssl
+        tls = self._tls
         while True:
             if not incoming.pending and not incoming.eof and not tls.pending():
                 # Nothing left to decrypt: reading now could only say "want read".
@@ -369,7 +374,7 @@ class TLSStream(_SocketIO):
                     incoming.write_eof()
                 continue
             try:
-                n = _read_into(tls, _PLAIN_VIEW[total:limit])
+                n = tls.read(limit - total, _PLAIN_VIEW[total:limit])
             except ssl.SSLWantReadError:
                 if total:
                     break
@@ -415,10 +420,22 @@ class TLSStream(_SocketIO):
         if _CHECK_SCRATCH:
             _check_scratch(data)
         try:
-            self.ssl.write(data)
+            self._tls.write(data)
         except ssl.SSLError as exc:
             raise StreamBroken(ssl_reason(exc)) from exc
-        await self._flush()
+        if self._sending:  # another task is writing records: ours go after them
+            await self._flush()
+            return
+        # _flush, without a coroutine of its own: the relay's path, once per message.
+        self._sending = True
+        try:
+            outgoing = self._outgoing
+            while outgoing.pending:
+                await self._send_raw(outgoing.read())
+        finally:
+            self._sending = False
+            if self._send_done:
+                self._send_done.unpark_all()
 
     async def send_eof(self) -> None:
         """Send close_notify; receiving goes on. After the peer ended without one (an
@@ -485,10 +502,15 @@ def _shutdown_write(sock: socket.socket) -> None:
             raise StreamBroken(_os_reason(exc)) from exc
 
 
-def _read_into(obj: ssl.SSLObject, view: memoryview) -> int:
-    # typeshed says read() returns bytes; with a buffer it returns the count read into it.
-    count: int = obj.read(len(view), view)  # type: ignore[assignment]
-    return count
+class _RawTLS(Protocol):
+    """What the relay calls on the `_ssl` object under an SSLObject (its C methods): with a
+    buffer, read returns the count read into it."""
+
+    def read(self, size: int, buffer: memoryview, /) -> int: ...
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+    def pending(self) -> int: ...
 
 
 def _os_reason(exc: OSError) -> str:
