@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -314,6 +315,20 @@ def tunnel_has_workers(python: str) -> bool:
 # which bench/run.py raises for every process it starts).
 CONNECTION_CAP = 12_000
 
+
+def _file_limit() -> int:
+    """The hard RLIMIT_NOFILE every process started here inherits (raised by bench/run.py
+    where it may be)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 1 << 20 if hard == resource.RLIM_INFINITY else hard
+
+
+def _cap_within_file_limit() -> int:
+    """CONNECTION_CAP, or what fits two descriptors per connection under the file limit
+    (HAProxy refuses to start with a maxconn it cannot hold; the others lower or warn)."""
+    return min(CONNECTION_CAP, (_file_limit() - 100) // 2)
+
+
 # Our tunnel: generous limits so that they never throttle the benchmark, a short drain.
 _TUNNEL_LIMITS = {
     "handshake_timeout": "10s",
@@ -389,7 +404,7 @@ def _nginx(setup: Setup, port: int, target: int, workers: int) -> list[str]:
     text = f"""\
 load_module {NGINX_STREAM_MODULE};
 {user}worker_processes 2;
-worker_rlimit_nofile {4 * CONNECTION_CAP};
+worker_rlimit_nofile {min(4 * CONNECTION_CAP, _file_limit())};
 daemon off;
 pid {d}/nginx-{port}.pid;
 error_log stderr warn;
@@ -424,7 +439,7 @@ def _haproxy(setup: Setup, port: int, target: int, workers: int) -> list[str]:
     pem.write_bytes(p.crt("server").read_bytes() + p.key("server").read_bytes())
     text = f"""\
 global
-    maxconn {CONNECTION_CAP}
+    maxconn {_cap_within_file_limit()}
     nbthread {os.cpu_count() or 1}
     log stdout format raw local0 info
 

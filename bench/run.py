@@ -511,7 +511,7 @@ def raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FILE_LIMIT), max(hard, FILE_LIMIT)))
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        print(f"bench: the file limit stays at {hard} (not root): the scale measure may fall short", flush=True)
+        print(f"bench: the file limit stays at {hard} (raising it needs CAP_SYS_RESOURCE)", flush=True)
 
 
 def postgres_program(name: str) -> str:
