@@ -53,12 +53,15 @@ class TLS:
 
     def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO):
         self.sock, self.obj, self.incoming, self.outgoing = sock, obj, incoming, outgoing
+        self.drained = False
 
     async def flush(self) -> None:
         while self.outgoing.pending:
             await send_all(self.sock, self.outgoing.read())
 
     async def fill(self) -> bool:
+        if self.drained:  # as pump does
+            await trio.lowlevel.wait_readable(self.sock)
         while True:
             try:
                 data = self.sock.recv(262144)
@@ -67,6 +70,7 @@ class TLS:
                 continue
             if not data:
                 return False
+            self.drained = len(data) < 262144
             self.incoming.write(data)
             return True
 
@@ -110,8 +114,11 @@ async def pump_from_tls(src: TLS, dst: socket.socket) -> None:
 
 async def pump_to_tls(src: socket.socket, dst: TLS) -> None:
     """Encrypt what comes in plaintext, send it to the other forwarder."""
+    drained = False
     with contextlib.suppress(OSError, ssl.SSLError):
         while True:
+            if drained:  # as pump does
+                await trio.lowlevel.wait_readable(src)
             try:
                 data = src.recv(262144)
             except BlockingIOError:
@@ -119,6 +126,7 @@ async def pump_to_tls(src: socket.socket, dst: TLS) -> None:
                 continue
             if not data:
                 break
+            drained = len(data) < 262144
             dst.obj.write(data)
             await dst.flush()
     with contextlib.suppress(OSError):
