@@ -30,8 +30,15 @@ SPARE = 64
 
 def needed(configs: Iterable[TunnelConfig]) -> int:
     """File descriptors the tunnels need at their connection caps: two per connection
-    (accepted + dialled) under every tunnel's limits.max_connections, plus SPARE."""
-    return SPARE + sum(2 * config.limits.max_connections for config in configs)
+    (accepted + dialled) under every tunnel's limits.max_connections, one per listening
+    socket, plus SPARE."""
+    configs = list(configs)
+    return _fixed(configs) + sum(2 * config.limits.max_connections for config in configs)
+
+
+def _fixed(configs: Sequence[TunnelConfig]) -> int:
+    """Descriptors held whatever the connections: SPARE and the listening sockets."""
+    return SPARE + len({config.listen for config in configs})
 
 
 def raise_to_hard_limit() -> tuple[int, int]:
@@ -58,7 +65,8 @@ def fit(configs: Sequence[TunnelConfig]) -> list[TunnelConfig]:
     need = needed(configs)
     if soft == resource.RLIM_INFINITY or need <= soft:
         return list(configs)
-    share = max(soft - SPARE, 0) / (need - SPARE)
+    fixed = _fixed(configs)
+    share = max(soft - fixed, 0) / (need - fixed)
     fitted = [_with_cap(config, max(1, int(config.limits.max_connections * share))) for config in configs]
     caps = ", ".join(f"{config.name} {config.limits.max_connections}" for config in fitted)
     logs.event(

@@ -52,7 +52,7 @@ def test_a_tunnel_started_with_a_low_soft_limit_serves_past_it(pki_files: PKI, t
 
 def test_past_a_short_hard_limit_connections_wait_instead_of_failing(pki_files: PKI, tmp_path: Path) -> None:
     """A hard limit of 256 descriptors cannot hold limits.max_connections: 1024 (2 each): the
-    tunnel lowers its cap to what fits (96) and says so; the 97th to 130th clients wait in
+    tunnel lowers its cap to what fits (95) and says so; the 96th to 130th clients wait in
     the backlog and are served as earlier ones leave. Before, the tunnel accepted them and
     closed one at about 120 when its dial to the target failed with EMFILE."""
     target = EchoTarget()
@@ -60,7 +60,7 @@ def test_past_a_short_hard_limit_connections_wait_instead_of_failing(pki_files: 
     doc = server_doc(pki_files, target.address, listen=f"127.0.0.1:{port}")
     tunnel_file = str(write_yaml(tmp_path / "s.yaml", doc))
     daemon = DaemonProcess(tmp_path, tunnel_file, wrapper=["prlimit", "--nofile=256:256"])
-    total, fits = 130, 96
+    total, fits = 130, 95
     served: list[int] = []
     failed: list[str] = []
     leave = [threading.Event() for _ in range(total)]
@@ -83,8 +83,8 @@ def test_past_a_short_hard_limit_connections_wait_instead_of_failing(pki_files: 
     try:
         log = daemon.wait_for("ready tunnels=1")
         assert (
-            "file descriptor limit 256 (hard limit 256) is below the 2112 that limits.max_connections needs "
-            "(2 per connection): max_connections lowered to fit (s 96); raise the limit with LimitNOFILE= "
+            "file descriptor limit 256 (hard limit 256) is below the 2113 that limits.max_connections needs "
+            "(2 per connection): max_connections lowered to fit (s 95); raise the limit with LimitNOFILE= "
             "(systemd) or ulimit -Hn"
         ) in log
         with ThreadPoolExecutor(total) as pool:
