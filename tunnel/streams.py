@@ -423,19 +423,7 @@ class TLSStream(_SocketIO):
             self._tls.write(data)
         except ssl.SSLError as exc:
             raise StreamBroken(ssl_reason(exc)) from exc
-        if self._sending:  # another task is writing records: ours go after them
-            await self._flush()
-            return
-        # _flush, without a coroutine of its own: the relay's path, once per message.
-        self._sending = True
-        try:
-            outgoing = self._outgoing
-            while outgoing.pending:
-                await self._send_raw(outgoing.read())
-        finally:
-            self._sending = False
-            if self._send_done:
-                self._send_done.unpark_all()
+        await self._flush()
 
     async def send_eof(self) -> None:
         """Send close_notify; receiving goes on. After the peer ended without one (an
