@@ -429,9 +429,11 @@ async def tls_connect(
     return stream
 
 
-async def tcp_connect(address: str) -> trio.SocketStream:
+async def tcp_connect(address: str, *, source: str | None = None) -> trio.SocketStream:
+    """A TCP connection to HOST:PORT, from the loopback address `source` if given (another
+    source to a tunnel's per-source limits)."""
     host, _, port = address.rpartition(":")
-    return await trio.open_tcp_stream(host.strip("[]"), int(port))
+    return await trio.open_tcp_stream(host.strip("[]"), int(port), local_address=source)
 
 
 def free_port() -> int:

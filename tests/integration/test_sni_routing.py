@@ -66,12 +66,12 @@ def _context(p: PKI, *, alpn: list[str] | None = None) -> ssl.SSLContext:
 
 
 async def _connect(
-    p: PKI, address: str, name: str | None, *, check: bool = True, **kw: Any
+    p: PKI, address: str, name: str | None, *, check: bool = True, source: str | None = None, **kw: Any
 ) -> trio.SSLStream[trio.SocketStream]:
     ctx = _context(p, **kw)
     if name is None or not check:
         ctx.check_hostname = False
-    tcp = await tcp_connect(address)
+    tcp = await tcp_connect(address, source=source)
     tls = trio.SSLStream(tcp, ctx, server_hostname=name)
     try:
         await tls.do_handshake()
@@ -204,3 +204,47 @@ async def test_removing_one_tunnel_keeps_the_address_and_the_others_open_connect
         assert await _echo_through(fresh, b"new") == b"new"
         for tls in (kept, gone, fresh):
             await tls.aclose()
+
+
+async def test_a_socket_waiting_for_room_in_a_tunnel_that_stops_meanwhile_is_refused_not_served(
+    pki_files: PKI, tmp_path: Path
+) -> None:
+    """A connection routed by name to a tunnel at its max_connections waits for room; if
+    that tunnel stops meanwhile (a reload removed it), the slot that then frees is given
+    back and the connection is refused ("no room"), instead of being served from the
+    stopped tunnel's draining connections."""
+    listen = f"127.0.0.1:{free_port()}"
+    async with backend(echo) as a, backend(echo) as b:
+        docs = {
+            "redis": _doc(pki_files, listen, a.address, ["redis.internal"], limits={"max_connections": 1}),
+            "echo": _doc(pki_files, listen, b.address, ["echo.internal"]),
+        }
+        async with shared(tmp_path, docs) as (tunnels, _):
+            first = await _connect(pki_files, listen, "redis.internal")
+            assert await _echo_through(first, b"one") == b"one"
+            outcome: list[BaseException | None] = []
+
+            async def second() -> None:
+                try:
+                    # Another source: the per-source cap (1, as max_connections) is not the limit.
+                    tls = await _connect(pki_files, listen, "redis.internal", source="127.0.0.2")
+                    try:
+                        await _echo_through(tls, b"two")
+                        outcome.append(None)
+                    finally:
+                        await tls.aclose()
+                except (trio.BrokenResourceError, ssl.SSLError) as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(second)
+                await trio.sleep(0.5)  # routed, and waiting for redis's only slot
+                assert outcome == []
+                tunnels["redis"].stop(drain=True)  # as a reload that removes its file does
+                await first.aclose()  # the slot frees: the waiting socket must not take it
+            assert len(outcome) == 1
+            assert outcome[0] is not None, "served by a stopped tunnel"
+            assert tunnels["redis"].gate.connections == 0
+            still = await _connect(pki_files, listen, "echo.internal")
+            assert await _echo_through(still, b"three") == b"three"
+            await still.aclose()
