@@ -194,11 +194,7 @@ def upgrade_under_load(
         rate = load.stop()
         for stream in streams:
             stream.close()
-    assert load.refused == [], f"{len(load.refused)} refused: {load.refused[:5]}"
-    assert load.broken == [], f"{len(load.broken)} broken: {load.broken[:5]}"
-    assert [s.error for s in streams] == [None] * len(streams)
-    assert all(s.sent > 0 for s in streams)
-    assert rate >= 50, f"only {rate:.0f} connections a second"
+    assert_nothing_lost(load, streams, rate)
     # With their streams closed, the old processes have drained and exited.
     wait_until(lambda: not any(alive(each) for each in old), f"old processes {old} exit")
     log = daemon.log()
@@ -208,6 +204,16 @@ def upgrade_under_load(
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not alive(pid), "the last process stops")
     assert not pidfile.exists(), "the last process removes its pidfile"
+
+
+def assert_nothing_lost(load: Connects, streams: list[Stream], rate: float) -> None:
+    """The verdict on a load carried through upgrades or restarts: no connect refused or
+    broken, every long-lived stream whole and carrying data, at least 50 connects a second."""
+    assert load.refused == [], f"{len(load.refused)} refused: {load.refused[:5]}"
+    assert load.broken == [], f"{len(load.broken)} broken: {load.broken[:5]}"
+    assert [s.error for s in streams] == [None] * len(streams)
+    assert all(s.sent > 0 for s in streams)
+    assert rate >= 50, f"only {rate:.0f} connections a second"
 
 
 def tcp_connect(port: int) -> Any:
@@ -221,14 +227,23 @@ def edge(p: PKI, tmp: Path, target: EchoTarget, listen: str) -> Path:
     return write_yaml(tmp / "edge.yaml", doc)
 
 
+def start_edge(
+    p: PKI, tmp: Path, target: EchoTarget, daemons: list[DaemonProcess], listen: str, *args: str, **kw: Any
+) -> tuple[DaemonProcess, Path, Path]:
+    """`tunnel run --pidfile PIDFILE [ARGS] edge.yaml` for the edge tunnel on `listen`,
+    registered for clean-up: (the daemon, its tunnel file, its pidfile). Not yet ready."""
+    pidfile = tmp / "tunnel.pid"
+    path = edge(p, tmp, target, listen)
+    daemon = DaemonProcess(tmp, *args, "--pidfile", str(pidfile), str(path), **kw)
+    daemons.append(daemon)
+    return daemon, path, pidfile
+
+
 def test_upgrades_under_load_refuse_reset_and_lose_nothing(
     pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget, pids: Pids
 ) -> None:
     port = free_port()
-    pidfile = tmp_path / "tunnel.pid"
-    path = edge(pki_files, tmp_path, target, f"127.0.0.1:{port}")
-    daemon = DaemonProcess(tmp_path, "--pidfile", str(pidfile), str(path))
-    daemons.append(daemon)
+    daemon, _, pidfile = start_edge(pki_files, tmp_path, target, daemons, f"127.0.0.1:{port}")
     daemon.wait_for("ready tunnels=1")
     upgrade_under_load(pki_files, tmp_path, daemon, pidfile, pids, tcp_connect(port))
 
@@ -237,12 +252,8 @@ def test_upgrades_of_a_supervisor_and_its_workers_under_load_lose_nothing(
     pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget, pids: Pids
 ) -> None:
     port, status = free_port(), free_port()
-    pidfile = tmp_path / "tunnel.pid"
-    path = edge(pki_files, tmp_path, target, f"127.0.0.1:{port}")
-    daemon = DaemonProcess(
-        tmp_path, "--workers", "2", "--status", f"127.0.0.1:{status}", "--pidfile", str(pidfile), str(path)
-    )
-    daemons.append(daemon)
+    workers = ("--workers", "2", "--status", f"127.0.0.1:{status}")
+    daemon, _, pidfile = start_edge(pki_files, tmp_path, target, daemons, f"127.0.0.1:{port}", *workers)
     daemon.wait_for("ready workers=2", timeout=20)
     upgrade_under_load(pki_files, tmp_path, daemon, pidfile, pids, tcp_connect(port), workers=2)
 
@@ -251,10 +262,7 @@ def test_a_unix_listener_is_handed_over_and_its_file_kept(
     pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget, pids: Pids
 ) -> None:
     sock_path = tmp_path / "edge.sock"
-    pidfile = tmp_path / "tunnel.pid"
-    path = edge(pki_files, tmp_path, target, f"unix:{sock_path}")
-    daemon = DaemonProcess(tmp_path, "--pidfile", str(pidfile), str(path))
-    daemons.append(daemon)
+    daemon, _, pidfile = start_edge(pki_files, tmp_path, target, daemons, f"unix:{sock_path}")
     daemon.wait_for("ready tunnels=1")
     inode = sock_path.stat().st_ino
 
@@ -297,10 +305,7 @@ def test_a_new_process_that_fails_leaves_the_old_one_serving(
     pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget, pids: Pids
 ) -> None:
     port = free_port()
-    pidfile = tmp_path / "tunnel.pid"
-    path = edge(pki_files, tmp_path, target, f"127.0.0.1:{port}")
-    daemon = DaemonProcess(tmp_path, "--pidfile", str(pidfile), str(path), watch_interval=0)
-    daemons.append(daemon)
+    daemon, path, pidfile = start_edge(pki_files, tmp_path, target, daemons, f"127.0.0.1:{port}", watch_interval=0)
     daemon.wait_for("ready tunnels=1")
     good = path.read_text()
     path.write_text(good.replace("mode: server", "mode: sideways"))
@@ -329,10 +334,7 @@ def test_a_second_sigusr2_during_an_upgrade_is_ignored(
     pki_files: PKI, tmp_path: Path, daemons: list[DaemonProcess], target: EchoTarget, pids: Pids
 ) -> None:
     port = free_port()
-    pidfile = tmp_path / "tunnel.pid"
-    path = edge(pki_files, tmp_path, target, f"127.0.0.1:{port}")
-    daemon = DaemonProcess(tmp_path, "--pidfile", str(pidfile), str(path))
-    daemons.append(daemon)
+    daemon, _, pidfile = start_edge(pki_files, tmp_path, target, daemons, f"127.0.0.1:{port}")
     daemon.wait_for("ready tunnels=1")
     daemon.signal(signal.SIGUSR2)
     daemon.wait_for("upgrading on SIGUSR2")
@@ -361,10 +363,7 @@ def test_the_new_process_tells_systemd_it_is_the_main_process(
     notify.settimeout(20)
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
     port = free_port()
-    pidfile = tmp_path / "tunnel.pid"
-    path = edge(pki_files, tmp_path, target, f"127.0.0.1:{port}")
-    daemon = DaemonProcess(tmp_path, "--pidfile", str(pidfile), str(path))
-    daemons.append(daemon)
+    daemon, _, pidfile = start_edge(pki_files, tmp_path, target, daemons, f"127.0.0.1:{port}")
     try:
         assert notify.recv(4096).split(b"\n")[0] == b"READY=1"
         daemon.signal(signal.SIGUSR2)
